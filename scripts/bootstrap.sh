@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with pinned versions.
+# torch goes in FIRST: on the CPU dev/CI machines `torch==2.13.0` resolves to the local CPU wheel; any later
+# package that asks for a bare `torch` is then already satisfied and cannot pull a multi-GB CUDA build.
+#   usage: scripts/bootstrap.sh [extras]      e.g. scripts/bootstrap.sh dev      (default: dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-dev}"
+PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "[bootstrap] installing torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
+echo "[bootstrap] installing selfplay[$EXTRAS] with constraints.txt"
+# DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time; ops are JIT-built only if used.
+DS_BUILD_OPS=0 "${PIP[@]}" -c constraints.txt -e ".[$EXTRAS]"
+echo "[bootstrap] done: $("$VENV/bin/python" -c 'import torch, transformers, ray, deepspeed, pyarrow; print(f"torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, pyarrow {pyarrow.__version__}")' 2>/dev/null)"

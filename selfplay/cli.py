@@ -1,0 +1,140 @@
+"""The `selfplay` command line.
+
+  selfplay warmup   build the policy (the embedded tiny model by default), run the supervised warm-up and
+                    print its held-out task score before and after
+  selfplay config   validate a config and print it fully resolved
+  selfplay tiny     build the embedded tiny model + tokenizer and save them as a Hugging Face checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config file (default: built-in defaults = the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set warmup.steps=80 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfplay",
+        description="Self-play preference optimization (SPPO, SAPO, SRPO) for language models on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("warmup", help="build the initial policy, warm it up, print its held-out task score")
+    _add_config_args(p)
+    p.add_argument("--out", help="directory for the warmed-up policy and warmup.json (default: <out_dir>/warmup)")
+    p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("config", help="validate a config and print it fully resolved")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("tiny", help="save the embedded tiny model + tokenizer as a Hugging Face checkpoint")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+    return parser
+
+
+def _version() -> str:
+    from selfplay import __version__
+
+    return __version__
+
+
+def cmd_config(args) -> int:
+    from selfplay.config import load_config
+
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from selfplay.tiny import build_tiny
+
+    model, tok = build_tiny(args.seed, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny model ({n / 1e6:.2f}M parameters, vocabulary {len(tok)}) saved to {args.out}")
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    import torch
+
+    from selfplay.config import load_config
+    from selfplay.models import load_policy_and_tokenizer, save_pretrained
+    from selfplay.tasks import make_task
+    from selfplay.warmup import evaluate_task, supervised_warmup
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task.name == "file":
+        raise SystemExit("error: warm-up needs a synthetic task with reference answers (task.name: sort)")
+    out = Path(args.out or Path(cfg.out_dir) / "warmup")
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model, tok = load_policy_and_tokenizer(cfg.model, cfg.seed)
+    task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
+    train = task.prompts("train", cfg.task.train_size, seed=cfg.seed)
+    held_out = task.prompts("eval", cfg.task.eval_size, seed=cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"policy {cfg.model.policy!r}: {n_params / 1e6:.2f}M parameters; task {task.name!r}: "
+          f"{len(train)} train / {len(held_out)} held-out prompts ({time.perf_counter() - t0:.1f}s)")
+
+    gen = dict(max_new_tokens=cfg.generation.max_new_tokens)
+    before = evaluate_task(model, tok, task, held_out, **gen)
+    losses = supervised_warmup(model, tok, train, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
+                               lr=cfg.warmup.lr, seed=cfg.seed)
+    after = evaluate_task(model, tok, task, held_out, **gen)
+    save_pretrained(model, tok, out / "policy")
+    result = {
+        "task": task.name,
+        "policy": cfg.model.policy,
+        "warmup_steps": cfg.warmup.steps,
+        "final_loss": losses[-1] if losses else None,
+        "heldout_before": before,
+        "heldout_after": after,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "policy_dir": str(out / "policy"),
+    }
+    (out / "warmup.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(f"{'held-out (' + str(len(held_out)) + ' prompts)':<28}{'task score':>12}{'exact':>10}")
+    print(f"{'before warm-up':<28}{before['score']:>12.3f}{before['exact']:>10.3f}")
+    print(f"{'after warm-up':<28}{after['score']:>12.3f}{after['exact']:>10.3f}")
+    print(f"\nsaved policy to {out / 'policy'} and {out / 'warmup.json'} ({result['seconds']}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from selfplay.config import ConfigError
+    from selfplay.models import ModelLoadError
+    from selfplay.tasks import PromptFileError
+
+    import os
+
+    # DeepSpeed is imported indirectly by transformers; without a GPU it warns on every import unless told.
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        return args.func(args)
+    except (ConfigError, PromptFileError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

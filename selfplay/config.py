@@ -1,0 +1,388 @@
+"""Typed run configuration: dataclasses loaded from YAML, `--set a.b=c` overrides, validated up front.
+
+Every problem — unknown key, wrong type, impossible value — is reported before anything starts, each naming
+the key and where it came from (`file:line` or `--set`). All problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "tiny"  # "tiny" builds the embedded model; otherwise a local directory or hub id
+    reference: str | None = None  # defaults to the initial policy
+    trust_remote_code: bool = False  # executing a checkpoint's Python code must be asked for explicitly
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sort"  # a synthetic task from selfplay.tasks, or "file" for a prompt set
+    path: str | None = None  # JSONL or Parquet prompt file, for name: file
+    prompt_field: str = "prompt"
+    train_size: int = 2000
+    eval_size: int = 200
+    min_items: int = 4
+    max_items: int = 8
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = 40  # supervised steps: the random tiny model becomes a weak (~40% score) initial policy
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 24
+    gpu_memory_utilization: float = 0.2  # vLLM only; on CPU it is the share of RAM kept for the KV cache
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["rule", "pairrm"] = "rule"
+    path: str | None = None  # PairRM checkpoint (local directory or hub id)
+    batch_size: int = 32
+    temperature: float = 0.1  # rule judges: P(a≻b) = σ((score_a − score_b) / temperature)
+
+
+@dataclass
+class SPPOConfig:
+    k: int = 5  # samples per prompt (paper: 5)
+    beta: float = 0.001  # η = 1/β (paper: 0.001)
+    iterations: int = 3
+
+
+@dataclass
+class SAPOConfig:
+    loss: Literal["dpo", "orpo"] = "dpo"
+    beta: float = 0.1
+    orpo_lambda: float = 0.1
+    ema_alpha: float = 0.5  # paper: 0.5
+    ema_every: int = 2  # paper: every 2 steps
+    segment_len: int = 256  # paper: 256
+
+
+@dataclass
+class SRPOConfig:
+    alpha: float = 0.5
+    beta: float = 0.1
+    revisions: int = 1
+    revision_template: str = (
+        "{prompt}\n\nHere is a previous answer:\n{response}\n\nImprove it. Reply with the improved answer only."
+    )
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-7
+    batch_size: int = 8  # pairs per learner step, across all learners
+    steps: int = 100
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    sync_every: int = 1  # push weights to generators every N learner steps
+    checkpoint_every: int = 0  # 0: only at the end
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 2000  # rows per run (split over shards); paper SAPO: 2000
+    sampling: Literal["uniform", "fifo_recent", "least_sampled"] = "uniform"
+    replace: bool = False
+    max_staleness: int | None = None  # versions; None keeps every row
+
+
+@dataclass
+class ResourcesConfig:
+    num_generators: int = 1
+    num_learners: int = 1
+    num_judges: int = 1
+    replay_shards: int = 1
+    generator_gpus: float = 0.0
+    generator_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    judge_gpus: float = 0.0
+    judge_cpus: float = 1.0
+    replay_cpus: float = 0.5
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "selfplay"
+    wandb_group: str | None = None
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    algorithm: Literal["sppo", "sapo", "srpo"] = "sppo"
+    mode: Literal["sync", "async"] = "sync"
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sppo: SPPOConfig = field(default_factory=SPPOConfig)
+    sapo: SAPOConfig = field(default_factory=SAPOConfig)
+    srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or start from the defaults when path is None), apply `a.b=c` overrides, build and validate."""
+    sources: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path), sources)
+    for item in overrides:
+        _apply_override(data, item, sources)
+    errors: list[str] = []
+    cfg = _build(Config, data, "", sources, errors)
+    errors.extend(validate(cfg, sources))  # also on a partly broken config: report every problem at once
+    if errors:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _read_yaml(path: Path, sources: dict[str, str]) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{line}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    _record_lines(node, "", str(path), sources)
+    return data
+
+
+def _record_lines(node: yaml.Node | None, prefix: str, fname: str, sources: dict[str, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            sources[key] = f"{fname}:{key_node.start_mark.line + 1}"
+            _record_lines(value_node, key + ".", fname, sources)
+
+
+def _apply_override(data: dict[str, Any], item: str, sources: dict[str, str]) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-6")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        sources.setdefault(".".join(parts[:i]), "--set")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+    sources[key] = "--set"
+
+
+def _where(key: str, sources: dict[str, str]) -> str:
+    return f"{sources[key]}: " if key in sources else ""
+
+
+def _build(cls, data: Any, prefix: str, sources: dict[str, str], errors: list[str]):
+    section = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        errors.append(f"{_where(section, sources)}{section}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            errors.append(f"{_where(full, sources)}{full}: unknown key{hint}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, full + ".", sources, errors)
+        else:
+            ok, coerced, expected = _coerce(value, hint)
+            if ok:
+                kwargs[key] = coerced
+            else:
+                errors.append(f"{_where(full, sources)}{full}: expected {expected}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint) -> tuple[bool, Any, str]:
+    """Check/convert one value against a type hint → (ok, value, description of what was expected)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return value in choices, value, "one of " + ", ".join(map(repr, choices))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return True, None, ""
+        ok, coerced, expected = _coerce(value, args[0])
+        return ok, coerced, f"{expected} or null"
+    if hint is bool:
+        return isinstance(value, bool), value, "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value), ""
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return True, float(value), ""
+            except ValueError:
+                pass
+        return False, value, "a number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    return True, value, ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: impossible values and combinations
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
+    """Return a list of problems ("<source>: key: message"); empty when the config can run."""
+    from selfplay.tasks import TASKS  # late: tasks import models, which import transformers
+
+    sources = sources or {}
+    errors: list[str] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            value = _get(cfg, key)
+            errors.append(f"{_where(key, sources)}{key}: {message}, got {value!r}")
+
+    for key in ("num_generators", "num_learners", "num_judges", "replay_shards"):
+        check(_get(cfg, f"resources.{key}") >= 1, f"resources.{key}", "must be >= 1")
+    for role in ("generator", "learner", "judge", "replay"):
+        check(_get(cfg, f"resources.{role}_cpus") >= 0, f"resources.{role}_cpus", "must be >= 0")
+        if role != "replay":
+            gpus = _get(cfg, f"resources.{role}_gpus")
+            check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()), f"resources.{role}_gpus",
+                  "must be >= 0, and a whole number when above 1")
+
+    check(cfg.task.name in TASKS or cfg.task.name == "file", "task.name",
+          f"unknown task (known: {', '.join(sorted(TASKS))}, file)")
+    check(cfg.task.name != "file" or bool(cfg.task.path), "task.path", "is required when task.name is 'file'")
+    check(cfg.task.train_size >= 1, "task.train_size", "must be >= 1")
+    check(cfg.task.eval_size >= 1, "task.eval_size", "must be >= 1")
+    check(cfg.task.min_items >= 1, "task.min_items", "must be >= 1")
+    check(cfg.task.max_items >= cfg.task.min_items, "task.max_items", "must be >= task.min_items")
+
+    check(cfg.warmup.steps >= 0, "warmup.steps", "must be >= 0")
+    check(cfg.warmup.batch_size >= 1, "warmup.batch_size", "must be >= 1")
+    check(cfg.warmup.lr > 0, "warmup.lr", "must be > 0")
+
+    check(cfg.generation.temperature >= 0, "generation.temperature", "must be >= 0")
+    check(0 < cfg.generation.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+    check(cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    check(0 < cfg.generation.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization",
+          "must be in (0, 1]")
+
+    check(cfg.judge.kind != "pairrm" or bool(cfg.judge.path), "judge.path",
+          "is required for the pairrm judge (e.g. llm-blender/PairRM-hf or a local directory)")
+    check(cfg.judge.batch_size >= 1, "judge.batch_size", "must be >= 1")
+    check(cfg.judge.temperature > 0, "judge.temperature", "must be > 0")
+
+    check(cfg.sppo.k >= 2, "sppo.k", "must be >= 2 (SPPO compares K samples of each prompt)")
+    check(cfg.sppo.beta > 0, "sppo.beta", "must be > 0 (η = 1/β)")
+    check(cfg.sppo.iterations >= 1, "sppo.iterations", "must be >= 1")
+    check(cfg.sapo.beta > 0, "sapo.beta", "must be > 0")
+    check(cfg.sapo.orpo_lambda >= 0, "sapo.orpo_lambda", "must be >= 0")
+    check(0 <= cfg.sapo.ema_alpha <= 1, "sapo.ema_alpha", "must be in [0, 1]")
+    check(cfg.sapo.ema_every >= 1, "sapo.ema_every", "must be >= 1")
+    check(cfg.sapo.segment_len >= 1, "sapo.segment_len", "must be >= 1")
+    check(0 <= cfg.srpo.alpha <= 1, "srpo.alpha", "must be in [0, 1]")
+    check(cfg.srpo.beta > 0, "srpo.beta", "must be > 0")
+    check(cfg.srpo.revisions >= 0, "srpo.revisions", "must be >= 0")
+    for placeholder in ("{prompt}", "{response}"):
+        check(placeholder in cfg.srpo.revision_template, "srpo.revision_template",
+              f"must contain {placeholder}")
+
+    check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    check(cfg.train.batch_size >= cfg.resources.num_learners, "train.batch_size",
+          f"must be >= resources.num_learners ({cfg.resources.num_learners}) so every learner gets a row")
+    check(cfg.train.batch_size % max(cfg.resources.num_learners, 1) == 0, "train.batch_size",
+          f"must divide evenly over resources.num_learners ({cfg.resources.num_learners})")
+    check(cfg.train.steps >= 1, "train.steps", "must be >= 1")
+    check(cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3")
+    check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    check(cfg.train.sync_every >= 1, "train.sync_every", "must be >= 1")
+    check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+
+    check(cfg.replay.capacity >= cfg.resources.replay_shards, "replay.capacity",
+          f"must be >= resources.replay_shards ({cfg.resources.replay_shards})")
+    check(cfg.replay.max_staleness is None or cfg.replay.max_staleness >= 0, "replay.max_staleness",
+          "must be >= 0 or null")
+    check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    return errors
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

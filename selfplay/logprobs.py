@@ -1,0 +1,80 @@
+"""Summed response log-probabilities with the prompt masked out (DESIGN.md §4: logp(y)).
+
+A batch is (prompt ⊕ response) token rows padded on either side; `response_mask` marks response tokens.
+Padding side does not change the result: positions are derived from the attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(x_t | x_<t) for t = 1..T−1 → [B, T−1]. Computed in float32 via logsumexp (no [B,T,V] softmax copy)."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def masked_sum_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of log-probs over response tokens and their count, both [B]."""
+    if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"response_mask {tuple(response_mask.shape)}"
+        )
+    mask = response_mask[:, 1:].to(torch.float32)
+    per_token = token_logprobs(logits, input_ids)
+    return (per_token * mask).sum(dim=-1), mask.sum(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, … over real tokens, whatever side the padding is on."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def build_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str = "right",
+) -> dict[str, Tensor]:
+    """Concatenate prompt and response tokens per example and pad to one length.
+
+    Returns input_ids, attention_mask, response_mask and position_ids, all [B, T].
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max((len(r) for r in rows), default=0)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, (p, row) in enumerate(zip(prompt_ids, rows)):
+        start = width - len(row) if padding_side == "left" else 0
+        input_ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, start : start + len(row)] = 1
+        response_mask[i, start + len(p) : start + len(row)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+    }
+
+
+def response_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Run a causal LM on a `build_batch` batch → (summed response log-probs [B], response token counts [B])."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    return masked_sum_logprobs(out.logits, batch["input_ids"], batch["response_mask"])

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from selfplay.logprobs import build_batch, masked_sum_logprobs, response_logprobs, token_logprobs
+
+PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64]]
+RESPONSES = [[70, 71, 2], [72, 2], [73, 74, 75, 76, 2]]
+
+
+def _reference(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].log_softmax(-1)
+    return sum(logits[len(prompt) + i - 1, tok].item() for i, tok in enumerate(response))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_unpadded_reference(tiny, side):
+    model, tok = tiny
+    batch = build_batch(PROMPTS, RESPONSES, tok.pad_token_id, padding_side=side)
+    with torch.no_grad():
+        logp, ntok = response_logprobs(model, batch)
+    assert ntok.tolist() == [len(r) for r in RESPONSES]
+    for i in range(3):
+        assert logp[i].item() == pytest.approx(_reference(model, PROMPTS[i], RESPONSES[i]), abs=1e-4)
+
+
+def test_padding_layout(tiny):
+    _, tok = tiny
+    left = build_batch(PROMPTS, RESPONSES, tok.pad_token_id, padding_side="left")
+    right = build_batch(PROMPTS, RESPONSES, tok.pad_token_id, padding_side="right")
+    assert left["attention_mask"][:, -1].eq(1).all() and right["attention_mask"][:, 0].eq(1).all()
+    assert left["response_mask"].sum().item() == right["response_mask"].sum().item() == 10
+    assert left["position_ids"][1].tolist()[-4:] == [0, 1, 2, 3]  # positions restart after left padding
+    with pytest.raises(ValueError):
+        build_batch(PROMPTS, RESPONSES[:2], 0)
+
+
+def test_prompt_tokens_are_masked():
+    # logits that make every prompt token impossible but response tokens certain: the sum must be ~0
+    ids = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.full((1, 4, 5), -1e4)
+    logits[0, 1, 2] = 1e4  # predicts ids[2] (response) with certainty
+    logits[0, 2, 3] = 1e4
+    mask = torch.tensor([[0, 0, 1, 1]])
+    total, count = masked_sum_logprobs(logits, ids, mask)
+    assert total.item() == pytest.approx(0.0, abs=1e-3) and count.item() == 2
+    assert token_logprobs(logits, ids).shape == (1, 3)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        masked_sum_logprobs(logits, ids, mask[:, :3])
