@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import os
+
     from selfplay.config import ConfigError
     from selfplay.models import ModelLoadError
     from selfplay.tasks import PromptFileError
-
-    import os
 
     # DeepSpeed is imported indirectly by transformers; without a GPU it warns on every import unless told.
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():

@@ -238,7 +238,13 @@ def _apply_override(data: dict[str, Any], item: str, sources: dict[str, str]) ->
 
 
 def _where(key: str, sources: dict[str, str]) -> str:
-    return f"{sources[key]}: " if key in sources else ""
+    """Source of a key, or of its closest enclosing section (a missing key is reported at its section)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in sources:
+            return f"{sources[prefix]}: "
+    return ""
 
 
 def _build(cls, data: Any, prefix: str, sources: dict[str, str], errors: list[str]):

@@ -39,11 +39,14 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            greedy = temperature <= 0
+            sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
+            # greedy decoding gives one answer per prompt: decode once and repeat it
+            per_prompt = 1 if greedy else num_samples
             ids = model.generate(
                 **enc.to(model.device),
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
+                num_return_sequences=per_prompt,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
                 top_k=None,
@@ -51,7 +54,7 @@ def generate(
             )
             new = ids[:, enc["input_ids"].shape[1] :].tolist()
             for i in range(len(chunk)):
-                out.append([_completion(tokenizer, new[i * num_samples + j], eos) for j in range(num_samples)])
+                out.append([_completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
     return out
 
 

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from selfplay.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_valid_and_demo_config_equals_defaults():
+    assert load_config() == Config()
+    assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == Config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    p = write(tmp_path, "algorithm: sapo\ntrain:\n  lr: 1e-6\n  steps: 7\nsapo:\n  loss: orpo\n")
+    cfg = load_config(p, ["train.steps=9", "replay.max_staleness=2", "generation.backend=vllm", "model.policy=/m"])
+    assert cfg.algorithm == "sapo" and cfg.sapo.loss == "orpo"
+    assert cfg.train.lr == pytest.approx(1e-6) and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-6 as str
+    assert cfg.train.steps == 9 and cfg.replay.max_staleness == 2
+    assert cfg.generation.backend == "vllm" and cfg.model.policy == "/m"
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config(None, ["algorithm=srpo", "srpo.revisions=3", "resources.num_learners=2"])
+    assert load_config(write(tmp_path, cfg.to_yaml())) == cfg
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    p = write(tmp_path, "sppo:\n  k: 5\n  betta: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:3: sppo.betta: unknown key (did you mean sppo.beta?)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        ("resources:\n  num_learners: 0\n", "resources.num_learners", "must be >= 1"),
+        ("sppo:\n  k: 1\n", "sppo.k", "must be >= 2"),
+        ("sppo:\n  beta: -0.1\n", "sppo.beta", "must be > 0"),
+        ("sapo:\n  ema_alpha: 1.5\n", "sapo.ema_alpha", "must be in [0, 1]"),
+        ("train:\n  zero_stage: 4\n", "train.zero_stage", "must be 0, 1, 2 or 3"),
+        ("resources:\n  learner_gpus: 1.5\n", "resources.learner_gpus", "whole number"),
+        ("judge:\n  kind: pairrm\n", "judge.path", "is required"),
+        ("task:\n  name: file\n", "task.path", "is required"),
+        ("train:\n  steps: many\n", "train.steps", "expected an integer"),
+        ("logging:\n  wandb: 1\n", "logging.wandb", "expected true or false"),
+        ("mode: sideways\n", "mode", "expected one of 'sync', 'async'"),
+        ("train:\n  batch_size: 3\nresources:\n  num_learners: 2\n", "train.batch_size", "divide evenly"),
+    ],
+)
+def test_impossible_values_name_key_and_line(tmp_path, text, key, message):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    # the key's own line, or its section's line when the problem is a key that is missing
+    rows = text.splitlines()
+    leaf, section = key.split(".")[-1], key.split(".")[0]
+    line = next((i for i, r in enumerate(rows, 1) if r.strip().startswith(leaf + ":")), None) or next(
+        i for i, r in enumerate(rows, 1) if r.startswith(section + ":")
+    )
+    assert f"{p}:{line}: {key}: " in str(e.value)
+    assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once_and_overrides_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sppo.k=1", "resources.num_learners=0", "nosuch.key=3"])
+    msg = str(e.value)
+    assert "--set: sppo.k: must be >= 2" in msg
+    assert "--set: resources.num_learners: must be >= 1" in msg
+    assert "--set: nosuch: unknown key" in msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml:3: malformed YAML"):
+        load_config(write(tmp_path, "a: [1,\n b: 2\n"))
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "train: 5\n"))

@@ -1,0 +1,139 @@
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from selfplay.models import ModelLoadError, load_causal_lm, load_policy_and_tokenizer, load_tokenizer
+from selfplay.tasks import PromptFileError, SortTask, chat_prompt, load_prompts
+from selfplay.tiny import build_tiny
+
+
+def test_tiny_is_deterministic_from_seed(tiny):
+    model, tok = tiny
+    model2, tok2 = build_tiny(seed=0)
+    assert tok.get_vocab() == tok2.get_vocab()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    model3, _ = build_tiny(seed=1)
+    assert not torch.equal(model.model.embed_tokens.weight, model3.model.embed_tokens.weight)
+
+
+def test_tiny_chat_template_and_special_tokens(tiny):
+    _, tok = tiny
+    text = chat_prompt(tok, "Sort ascending: 3 1 2")
+    assert text == "<|im_start|>user\nSort ascending: 3 1 2<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_save_and_load_roundtrip_with_safetensors(tiny, tiny_dir):
+    model, tok = tiny
+    assert any(tiny_dir.glob("*.safetensors")) and not any(tiny_dir.glob("*.bin"))
+    from selfplay.config import ModelConfig
+
+    loaded, tok2 = load_policy_and_tokenizer(ModelConfig(policy=str(tiny_dir)))
+    assert tok2.get_vocab() == tok.get_vocab() and tok2.chat_template == tok.chat_template
+    ids = torch.tensor([tok("Sort ascending: 5 4", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_dir):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_missing_checkpoint_gives_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
+        load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_sort_task_scores():
+    task = SortTask()
+    p = "Sort ascending: 7 3 9 1"
+    assert task.reference(p) == "1 3 7 9"
+    assert task.score(p, "1 3 7 9") == 1.0
+    assert task.score(p, "1 3 9 7") == 0.5
+    assert task.score(p, "1 3 7 9 9") == pytest.approx(4 / 5)  # extra items cost credit
+    assert task.score(p, "") == 0.0 and task.score(p, "banana") == 0.0
+
+
+def test_sort_splits_are_disjoint_and_deterministic():
+    task = SortTask()
+    train, held_out = task.prompts("train", 500, seed=3), task.prompts("eval", 100, seed=3)
+    assert len({p.text for p in train}) == 500 and len(held_out) == 100
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    assert [p.prompt_id for p in task.prompts("eval", 100, seed=3)] == [p.prompt_id for p in held_out]
+    assert all(4 <= len(task.parse(p.text)) <= 8 for p in train)
+    with pytest.raises(ValueError, match="cannot draw"):
+        SortTask(1, 1).prompts("train", 100)
+
+
+def test_load_jsonl_prompts(tmp_path):
+    f = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "Hello?", "id": "a", "answer": "Hi"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    prompts = load_prompts(f, id_field="id", reference_field="answer")
+    assert [p.text for p in prompts] == ["Hello?", "Why?"]
+    assert prompts[0].prompt_id == "a" and prompts[0].reference == "Hi"
+    assert prompts[1].messages[0]["role"] == "system"
+
+
+def test_bad_jsonl_names_every_line(tmp_path, caplog):
+    f = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"prompt": "ok"}).encode(),
+        json.dumps({"text": "no prompt field"}).encode(),
+        json.dumps({"prompt": "   "}).encode(),
+        b"{not json",
+        '{"prompt": "caf\xe9"}'.encode("latin-1"),
+        json.dumps({"prompt": "x" * 50}).encode(),
+        json.dumps({"prompt": 5}).encode(),
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(PromptFileError) as e:
+        load_prompts(f, max_chars=40)
+    msg = str(e.value)
+    assert "6 bad record(s)" in msg
+    assert f"{f}:2: missing field 'prompt'" in msg
+    assert f"{f}:3: field 'prompt': empty prompt" in msg
+    assert f"{f}:4: invalid JSON" in msg
+    assert f"{f}:5: not UTF-8" in msg
+    assert f"{f}:6: field 'prompt': prompt of 50 characters exceeds max_chars=40" in msg
+    assert f"{f}:7: field 'prompt': expected a string" in msg
+    kept = load_prompts(f, max_chars=40, skip_bad=True)
+    assert [p.text for p in kept] == ["ok"]
+    assert "skipped 6 bad record(s)" in caplog.text
+
+
+def test_parquet_prompts(tmp_path):
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"question": ["a?", "b?"], "other": [1, 2]}), f)
+    assert [p.text for p in load_prompts(f, field="question")] == ["a?", "b?"]
+    with pytest.raises(PromptFileError, match=r"missing column\(s\) \['prompt'\]"):
+        load_prompts(f)
+    csv = tmp_path / "x.csv"
+    csv.write_text("prompt\nhi\n")
+    with pytest.raises(PromptFileError, match="unsupported prompt file type '.csv'"):
+        load_prompts(csv)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(PromptFileError, match="not a readable Parquet file"):
+        load_prompts(tmp_path / "fake.parquet")
+
+
+def test_import_selfplay_does_not_import_ray():
+    code = (
+        "import sys, selfplay, selfplay.config, selfplay.losses, selfplay.preference, selfplay.logprobs, "
+        "selfplay.segments, selfplay.ema, selfplay.tasks, selfplay.models, selfplay.tiny, selfplay.cli; "
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
