@@ -14,7 +14,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating $VENV with $($PY --version)"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# -qq: the machine-wide extra index prints a warning per package otherwise; errors still show
+PIP=("$VENV/bin/python" -m pip install -qq --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "[bootstrap] installing torch==$TORCH_VERSION"
   "${PIP[@]}" "torch==$TORCH_VERSION"

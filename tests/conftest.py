@@ -22,3 +22,17 @@ def tiny_dir(tmp_path_factory, tiny):
 
     model, tok = tiny
     return save_pretrained(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (started lazily by the first test that needs it).
+
+    Logical CPUs exceed the 2 physical cores on purpose: actors in tests mostly wait, and the resource
+    accounting, not the hardware, decides whether they can be placed.
+    """
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, namespace="selfplay-tests", log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,249 @@
+"""Sharded replay buffer on Ray: `ReplayShardActor` (one `selfplay.buffer.ReplayShard` per actor) and the
+`ReplayBuffer` client that routes rows by prompt id, samples across shards and snapshots/restores them all.
+
+Rows travel as Arrow tables: Ray ships their buffers through the object store without a Python-object copy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table
+
+MANIFEST = "manifest.json"
+
+
+@ray.remote
+class ReplayShardActor:
+    """One FIFO shard. Ray runs its methods one at a time, so the shard needs no locking."""
+
+    def __init__(self, capacity: int, seed: int = 0, index: int = 0):
+        self.index = index
+        self.shard = ReplayShard(capacity, seed)
+
+    def add(self, rows: pa.Table) -> int:
+        return self.shard.add(rows)
+
+    def prepare(self, strategy: str, current_version: int | None, max_staleness: int | None) -> tuple[int, float]:
+        """Drop stale rows, then report (size, sampling mass) for the client's split of a sample."""
+        if current_version is not None:
+            self.shard.drop_stale(current_version, max_staleness)
+        return len(self.shard), self.shard.sampling_mass(strategy)
+
+    def sample(self, n: int, strategy: str, replace: bool, current_version: int | None = None,
+               max_staleness: int | None = None) -> pa.Table:
+        return self.shard.sample(n, strategy, replace, current_version, max_staleness)
+
+    def stats(self) -> dict[str, int]:
+        return {"shard": self.index, **self.shard.stats()}
+
+    def rows(self) -> pa.Table:
+        return self.shard.rows()
+
+    def snapshot(self, path: str) -> str:
+        return str(self.shard.snapshot(path))
+
+    def restore(self, path: str) -> dict[str, int]:
+        capacity = self.shard.capacity
+        self.shard = ReplayShard.restore(path, capacity=capacity)
+        return self.stats()
+
+    def load_rows(self, rows: pa.Table, counters: dict[str, int]) -> dict[str, int]:
+        self.shard.load_rows(rows)
+        self.shard.set_history(ShardCounters(**counters))
+        return self.stats()
+
+
+class ReplayBuffer:
+    """Client over `num_shards` shard actors. Capacity is the total, split evenly over the shards.
+
+    Every remote call waits at most `timeout_s` and names the shard when it fails.
+    """
+
+    def __init__(
+        self,
+        num_shards: int = 1,
+        capacity: int = 2000,
+        *,
+        sampling: str = "uniform",
+        replace: bool = False,
+        max_staleness: int | None = None,
+        seed: int = 0,
+        num_cpus: float = 0.5,
+        timeout_s: float = 120.0,
+    ):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        if capacity < num_shards:
+            raise ValueError(f"capacity {capacity} is smaller than the number of shards {num_shards}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"unknown sampling strategy {sampling!r}; use one of {SAMPLING}")
+        self.num_shards, self.capacity = num_shards, capacity
+        self.sampling, self.replace, self.max_staleness = sampling, replace, max_staleness
+        self.timeout_s = timeout_s
+        self._rng = np.random.default_rng(seed)
+        per_shard = [capacity // num_shards + (i < capacity % num_shards) for i in range(num_shards)]
+        self.shards = [
+            ReplayShardActor.options(num_cpus=num_cpus, name=None).remote(per_shard[i], seed + i, i)
+            for i in range(num_shards)
+        ]
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs) -> ReplayBuffer:
+        """From a `selfplay.config.Config` (replay section + resources.replay_shards/replay_cpus)."""
+        return cls(
+            cfg.resources.replay_shards,
+            cfg.replay.capacity,
+            sampling=cfg.replay.sampling,
+            replace=cfg.replay.replace,
+            max_staleness=cfg.replay.max_staleness,
+            seed=cfg.seed,
+            num_cpus=cfg.resources.replay_cpus,
+            **kwargs,
+        )
+
+    # -- data path ------------------------------------------------------------------------------------------
+
+    def add(self, rows) -> int:
+        """Validate all rows (a bad batch is refused whole, no shard changes), then route by prompt_id."""
+        table = to_table(rows)
+        if table.num_rows == 0:
+            return 0
+        if self.num_shards == 1:
+            parts = {0: table}
+        else:
+            owner = shard_of(table.column("prompt_id").to_pylist(), self.num_shards)
+            parts = {int(s): table.take(pa.array(np.flatnonzero(owner == s))) for s in np.unique(owner)}
+        added = self._get({s: self.shards[s].add.remote(part) for s, part in parts.items()}, "add")
+        return sum(added.values())
+
+    def sample(
+        self,
+        n: int,
+        current_version: int | None = None,
+        *,
+        strategy: str | None = None,
+        replace: bool | None = None,
+    ) -> pa.Table:
+        """Up to n rows across shards, split in proportion to each shard's sampling mass (its size, or its
+        total 1/(times_sampled+1) weight for least_sampled). With current_version, rows more than
+        max_staleness versions old are dropped first and counted."""
+        strategy = strategy or self.sampling
+        replace = self.replace if replace is None else replace
+        if strategy not in SAMPLING:
+            raise ValueError(f"unknown sampling strategy {strategy!r}; use one of {SAMPLING}")
+        if self.num_shards == 1:  # nothing to split: one round trip
+            ref = self.shards[0].sample.remote(n, strategy, replace, current_version, self.max_staleness)
+            return self._get({0: ref}, "sample")[0]
+        prepared = self._get(
+            {i: s.prepare.remote(strategy, current_version, self.max_staleness) for i, s in enumerate(self.shards)},
+            "prepare",
+        )
+        sizes = [prepared[i][0] for i in range(self.num_shards)]
+        masses = [prepared[i][1] for i in range(self.num_shards)]
+        counts = allocate(n, sizes, masses, replace, self._rng)
+        calls = {i: self.shards[i].sample.remote(int(c), strategy, replace) for i, c in enumerate(counts) if c}
+        tables = self._get(calls, "sample")
+        return pa.concat_tables([tables[i] for i in sorted(tables)]) if tables else SCHEMA.empty_table()
+
+    # -- observability ---------------------------------------------------------------------------------------
+
+    def shard_stats(self) -> list[dict[str, int]]:
+        stats = self._get({i: s.stats.remote() for i, s in enumerate(self.shards)}, "stats")
+        return [stats[i] for i in range(self.num_shards)]
+
+    def stats(self) -> dict[str, int]:
+        """Totals over shards: size, capacity, added, evicted, dropped_stale, sampled (+ shards)."""
+        per = self.shard_stats()
+        total = {k: sum(s[k] for s in per) for k in ("size", "capacity", "added", "evicted", "dropped_stale", "sampled")}
+        return {**total, "shards": self.num_shards}
+
+    def __len__(self) -> int:
+        return self.stats()["size"]
+
+    def rows(self) -> pa.Table:
+        """Every row of every shard (shard by shard, each oldest first)."""
+        tables = self._get({i: s.rows.remote() for i, s in enumerate(self.shards)}, "rows")
+        return pa.concat_tables([tables[i] for i in range(self.num_shards)])
+
+    # -- persistence -----------------------------------------------------------------------------------------
+
+    def snapshot(self, directory: str | Path) -> Path:
+        """One Parquet file per shard plus a manifest, written last, so a half-written snapshot is never read.
+
+        On a multi-node cluster the directory must be on storage every node can reach.
+        """
+        directory = Path(directory).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        files = [f"shard-{i:03d}-of-{self.num_shards:03d}.parquet" for i in range(self.num_shards)]
+        self._get({i: s.snapshot.remote(str(directory / files[i])) for i, s in enumerate(self.shards)}, "snapshot")
+        manifest = {"num_shards": self.num_shards, "capacity": self.capacity, "files": files,
+                    "stats": self.stats(), "created_at": time.time()}
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(directory / MANIFEST)
+        return directory
+
+    def restore(self, directory: str | Path) -> dict[str, int]:
+        """Load a snapshot into these shards. Same shard count: each shard gets its own rows and counters back
+        exactly. Different count: rows are merged in creation order and re-routed by prompt_id; the counters'
+        totals are kept (evictions beyond the new capacity are counted)."""
+        directory = Path(directory).resolve()
+        manifest_path = directory / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a complete replay snapshot")
+        manifest = json.loads(manifest_path.read_text())
+        files = [directory / f for f in manifest["files"]]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"replay snapshot {directory} is missing {missing}")
+        if manifest["num_shards"] == self.num_shards:
+            self._get({i: s.restore.remote(str(files[i])) for i, s in enumerate(self.shards)}, "restore")
+            return self.stats()
+        return self._reshard(files)
+
+    def _reshard(self, files: list[Path]) -> dict[str, int]:
+        old = [ReplayShard.restore(f) for f in files]
+        table = pa.concat_tables([s.rows() for s in old])
+        order = np.argsort(table.column("created_at").to_numpy(), kind="stable")
+        table = table.take(pa.array(order))
+        owner = shard_of(table.column("prompt_id").to_pylist(), self.num_shards)
+        totals = {k: sum(getattr(s.counters, k) for s in old) for k in ("added", "evicted", "dropped_stale", "sampled")}
+        calls = {}
+        for i in range(self.num_shards):
+            part = table.take(pa.array(np.flatnonzero(owner == i)))
+            # shard 0 carries the history (rows evicted, dropped and sampled before the snapshot) so totals match
+            counters = {"added": part.num_rows, "evicted": 0, "dropped_stale": 0, "sampled": 0}
+            if i == 0:
+                counters = {k: v - (table.num_rows - part.num_rows if k == "added" else 0) for k, v in totals.items()}
+            calls[i] = self.shards[i].load_rows.remote(part, counters)
+        self._get(calls, "restore")
+        return self.stats()
+
+    def shutdown(self) -> None:
+        for s in self.shards:
+            ray.kill(s)
+        self.shards = []
+
+    # -- remote calls with deadlines -----------------------------------------------------------------------
+
+    def _get(self, refs: dict[int, ray.ObjectRef], what: str) -> dict:
+        deadline = time.monotonic() + self.timeout_s
+        out = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"replay shard {i}: {what} did not answer within {self.timeout_s:.0f}s") from None
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"replay shard {i}: actor died during {what}: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None
+        return out
