@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table

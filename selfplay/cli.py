@@ -2,6 +2,7 @@
 
   selfplay warmup   build the policy (the embedded tiny model by default), run the supervised warm-up and
                     print its held-out task score before and after
+  selfplay eval     win rate of policy A against policy B on held-out prompts, with any judge
   selfplay config   validate a config and print it fully resolved
   selfplay tiny     build the embedded tiny model + tokenizer and save them as a Hugging Face checkpoint
 """
@@ -33,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="directory for the warmed-up policy and warmup.json (default: <out_dir>/warmup)")
     p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("eval", help="win rate of policy A vs policy B on held-out prompts (table + JSON)")
+    _add_config_args(p)
+    p.add_argument("--policy-a", required=True, help="checkpoint directory, hub id, or 'tiny' (random init)")
+    p.add_argument("--policy-b", required=True, help="the opponent, same forms as --policy-a")
+    p.add_argument("--revisions", type=int, default=0,
+                   help="SRPO inference: N rounds of self-revision before judging (default 0)")
+    p.add_argument("--prompts", type=int, help="number of held-out prompts (default: task.eval_size)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of generation.temperature")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("config", help="validate a config and print it fully resolved")
     _add_config_args(p)
@@ -111,6 +123,50 @@ def cmd_warmup(args) -> int:
     print(f"{'before warm-up':<28}{before['score']:>12.3f}{before['exact']:>10.3f}")
     print(f"{'after warm-up':<28}{after['score']:>12.3f}{after['exact']:>10.3f}")
     print(f"\nsaved policy to {out / 'policy'} and {out / 'warmup.json'} ({result['seconds']}s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    from selfplay.config import load_config
+    from selfplay.evaluate import head_to_head
+    from selfplay.judges import make_judge
+    from selfplay.models import load_policy_and_tokenizer
+    from selfplay.tasks import load_prompts, make_task
+
+    cfg = load_config(args.config, args.overrides)
+    if args.revisions < 0:
+        raise SystemExit("error: --revisions must be >= 0")
+    task = None
+    if cfg.task.name == "file":
+        prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field)
+    else:
+        task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
+        prompts = task.prompts("eval", cfg.task.eval_size, seed=cfg.seed)
+    prompts = prompts[: args.prompts] if args.prompts else prompts
+    judge = make_judge(cfg.judge, cfg.task)
+    models = [load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=p), cfg.seed)
+              for p in (args.policy_a, args.policy_b)]
+    sampling = dict(max_new_tokens=cfg.generation.max_new_tokens,
+                    temperature=0.0 if args.greedy else cfg.generation.temperature, top_p=cfg.generation.top_p)
+    t0 = time.perf_counter()
+    result = head_to_head(models[0][0], models[1][0], models[0][1], models[1][1], prompts, judge, seed=cfg.seed,
+                          task=task, revisions=args.revisions, template=cfg.srpo.revision_template, **sampling)
+    result.update(policy_a=args.policy_a, policy_b=args.policy_b, judge=cfg.judge.kind,
+                  seconds=round(time.perf_counter() - t0, 2))
+    print(f"{'':<10}{'policy':<40}{'task score':>12}")
+    for side in ("a", "b"):
+        score = result[f"task_score_{side}"]
+        print(f"{side.upper():<10}{result['policy_' + side][-40:]:<40}{'' if score is None else f'{score:.3f}':>12}")
+    print(f"\nA vs B on {result['n']} held-out prompts ({cfg.judge.kind} judge"
+          f"{f', {args.revisions} revision rounds' if args.revisions else ''}): "
+          f"win rate {result['winrate']:.3f} ± {result['stderr']:.3f}  "
+          f"(wins {result['wins']}, ties {result['ties']}, losses {result['losses']})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -42,9 +42,9 @@ class TaskConfig:
 
 @dataclass
 class WarmupConfig:
-    steps: int = 40  # supervised steps: the random tiny model becomes a weak (~40% score) initial policy
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 60  # supervised steps: the random tiny model becomes a weak (~30% score) initial policy
+    batch_size: int = 64
+    lr: float = 2e-3
 
 
 @dataclass

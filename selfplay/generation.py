@@ -65,3 +65,28 @@ def _completion(tokenizer, tokens: list[int], eos: int) -> Completion:
     else:
         reason = "length"
     return Completion(tokenizer.decode(tokens, skip_special_tokens=True), tuple(tokens), reason)
+
+
+def revise(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    template: str,
+    *,
+    rounds: int = 1,
+    **sampling,
+) -> list[list[str]]:
+    """SRPO self-revision: `rounds` times, ask the policy to improve its previous answer.
+
+    `prompts` are the plain user prompts; each round formats `template` with {prompt} and {response} as a new
+    user turn. Returns, per prompt, the chain [response, revision 1, …, revision N].
+    """
+    from selfplay.tasks.base import chat_prompt
+
+    chains = [[r] for r in responses]
+    for _ in range(rounds):
+        asks = [chat_prompt(tokenizer, template.format(prompt=p, response=c[-1])) for p, c in zip(prompts, chains)]
+        for chain, out in zip(chains, generate(model, tokenizer, asks, **sampling)):
+            chain.append(out[0].text)
+    return chains

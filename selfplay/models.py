@@ -18,6 +18,13 @@ class ModelLoadError(RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message names the path and the reason."""
 
 
+def quiet_transformers() -> None:
+    """No progress bar per checkpoint load/save: they clutter run logs and Ray's log stream."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, seed: int = 0):
     if path == TINY:
         from selfplay.tiny import build_tokenizer
@@ -51,6 +58,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         )
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
@@ -71,9 +79,7 @@ def save_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     """Save as a Hugging Face checkpoint with safetensors weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per save clutters run logs
+    quiet_transformers()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

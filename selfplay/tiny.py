@@ -7,6 +7,7 @@ Mistral-7B on a cluster serves this model here. Head size 32 keeps it inside wha
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -50,11 +51,24 @@ def _corpus(seed: int, n: int = 4000) -> list[str]:
 
 
 def build_tokenizer(seed: int = 0, vocab_size: int = VOCAB_SIZE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A Qwen2Tokenizer with our own small vocabulary.
+
+    The BPE is trained under Qwen2's own normalizer and pre-tokenizer (NFC, Qwen's split regex, byte-level),
+    because `AutoTokenizer` — and vLLM through it — rebuilds exactly that pipeline for any qwen2 checkpoint:
+    a tokenizer trained differently would encode differently once saved and reloaded.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -63,8 +77,11 @@ def build_tokenizer(seed: int = 0, vocab_size: int = VOCAB_SIZE):
         show_progress=False,
     )
     bpe.train_from_iterator(_corpus(seed), trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=IM_END, pad_token=PAD, additional_special_tokens=[IM_START]
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=state["vocab"], merges=merges, eos_token=IM_END, pad_token=PAD, unk_token=None,
+        additional_special_tokens=[IM_START],
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"  # generation pads on the left; training batches are built explicitly

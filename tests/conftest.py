@@ -36,3 +36,28 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, namespace="selfplay-tests", log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pairrm_dir(tmp_path_factory):
+    """A small random PairRM saved like llm-blender/PairRM-hf (architecture, prefix tokens, safetensors)."""
+    from selfplay.judges.pairrm import save_random_pairrm
+    from selfplay.tiny import build_tokenizer
+
+    return save_random_pairrm(tmp_path_factory.mktemp("pairrm") / "model", build_tokenizer(0), seed=0)
+
+
+@pytest.fixture(scope="session")
+def warm_policy_dir(tmp_path_factory):
+    """The demo's initial policy: the tiny model after the default supervised warm-up, saved as a checkpoint."""
+    from selfplay.config import WarmupConfig
+    from selfplay.models import save_pretrained
+    from selfplay.tasks import SortTask
+    from selfplay.tiny import build_tiny
+    from selfplay.warmup import supervised_warmup
+
+    model, tok = build_tiny(seed=0)
+    w = WarmupConfig()
+    supervised_warmup(model, tok, SortTask().prompts("train", 2000), steps=w.steps, batch_size=w.batch_size,
+                      lr=w.lr, log=None)
+    return save_pretrained(model, tok, tmp_path_factory.mktemp("warm") / "policy")

@@ -37,6 +37,10 @@ def test_save_and_load_roundtrip_with_safetensors(tiny, tiny_dir):
 
     loaded, tok2 = load_policy_and_tokenizer(ModelConfig(policy=str(tiny_dir)))
     assert tok2.get_vocab() == tok.get_vocab() and tok2.chat_template == tok.chat_template
+    # AutoTokenizer rebuilds a qwen2 tokenizer's pipeline on load: encodings must not change
+    text = chat_prompt(tok, "Sort ascending: 7 3 9 1") + "1 3 7 9" + tok.eos_token
+    assert tok2(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert (tok2.eos_token_id, tok2.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     ids = torch.tensor([tok("Sort ascending: 5 4", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)

@@ -32,7 +32,7 @@ def test_warmup_makes_a_weak_but_nontrivial_policy():
     model, tok = build_tiny(seed=0)
     task = SortTask()
     before = evaluate_task(model, tok, task, task.prompts("eval", 100))
-    losses = supervised_warmup(model, tok, task.prompts("train", 2000), steps=40, batch_size=32, lr=3e-3, log=None)
+    losses = supervised_warmup(model, tok, task.prompts("train", 2000), steps=60, batch_size=64, lr=2e-3, log=None)
     after = evaluate_task(model, tok, task, task.prompts("eval", 100))
     assert losses[-1] < losses[0] / 3
     assert before["score"] < 0.05

@@ -1,0 +1,63 @@
+"""Head-to-head evaluation: win rate of policy A against policy B on held-out prompts, with any judge.
+
+Both policies answer every prompt (optionally followed by N rounds of SRPO self-revision, the final revision
+being the answer); the judge gives P(A ≻ B) per prompt and the win rate is its mean (ties count ½).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from selfplay.generation import generate, revise
+from selfplay.tasks import Prompt, chat_prompt
+
+
+@dataclass
+class Answers:
+    texts: list[str]
+    task_score: float | None  # mean task score, when the task has a scorer
+
+
+def answer(model, tokenizer, prompts: list[Prompt], *, revisions: int = 0, template: str = "{prompt}\n{response}",
+           task=None, **sampling) -> Answers:
+    texts = [c[0].text for c in generate(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts], **sampling)]
+    if revisions:
+        texts = [chain[-1] for chain in
+                 revise(model, tokenizer, [p.text for p in prompts], texts, template, rounds=revisions, **sampling)]
+    score = None
+    if task is not None:
+        score = sum(task.score(p.text, t) for p, t in zip(prompts, texts)) / len(prompts)
+    return Answers(texts, score)
+
+
+def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[str, float]:
+    """Mean P(a ≻ b) with its standard error, and the wins/ties/losses behind it."""
+    p = judge.compare([x.text for x in prompts], a, b).double()
+    n = len(prompts)
+    return {
+        "winrate": p.mean().item(),
+        "stderr": (p.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan"),
+        "wins": int((p > 0.5).sum()),
+        "ties": int((p == 0.5).sum()),
+        "losses": int((p < 0.5).sum()),
+        "n": n,
+    }
+
+
+def head_to_head(model_a, model_b, tokenizer_a, tokenizer_b, prompts, judge, *, seed: int = 0, task=None,
+                 revisions: int = 0, template: str = "{prompt}\n{response}", **sampling) -> dict:
+    """Both policies answer (different sampling seeds, so a policy against itself shows the noise floor)."""
+    with torch.no_grad():
+        a = answer(model_a, tokenizer_a, prompts, revisions=revisions, template=template, task=task,
+                   seed=seed, **sampling)
+        b = answer(model_b, tokenizer_b, prompts, revisions=revisions, template=template, task=task,
+                   seed=seed + 1, **sampling)
+    result = win_rate(judge, prompts, a.texts, b.texts)
+    result.update(task_score_a=a.task_score, task_score_b=b.task_score, revisions=revisions)
+    result["examples"] = [
+        {"prompt": p.text, "a": x, "b": y} for p, x, y in list(zip(prompts, a.texts, b.texts))[:5]
+    ]
+    return result
