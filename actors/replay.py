@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.remote import get_all
 from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table
 
 MANIFEST = "manifest.json"
@@ -234,15 +235,4 @@ class ReplayBuffer:
     # -- remote calls with deadlines -----------------------------------------------------------------------
 
     def _get(self, refs: dict[int, ray.ObjectRef], what: str) -> dict:
-        deadline = time.monotonic() + self.timeout_s
-        out = {}
-        for i, ref in refs.items():
-            try:
-                out[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
-                raise TimeoutError(f"replay shard {i}: {what} did not answer within {self.timeout_s:.0f}s") from None
-            except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"replay shard {i}: actor died during {what}: {e}") from e
-            except ray.exceptions.RayTaskError as e:
-                raise e.as_instanceof_cause() from None
-        return out
+        return get_all(refs, self.timeout_s, what, "replay shard")

@@ -73,8 +73,8 @@ class SPPOConfig:
 
 @dataclass
 class SAPOConfig:
-    loss: Literal["dpo", "orpo"] = "dpo"
-    beta: float = 0.1
+    loss: Literal["dpo", "ipo", "orpo"] = "dpo"
+    beta: float = 0.1  # DPO β (IPO's τ)
     orpo_lambda: float = 0.1
     ema_alpha: float = 0.5  # paper: 0.5
     ema_every: int = 2  # paper: every 2 steps
@@ -93,6 +93,7 @@ class SRPOConfig:
 
 @dataclass
 class TrainConfig:
+    loss: Literal["dpo", "ipo", "orpo", "sppo", "srpo"] | None = None  # None: the algorithm's own loss
     lr: float = 5e-7
     batch_size: int = 8  # pairs per learner step, across all learners
     steps: int = 100

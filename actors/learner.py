@@ -1,0 +1,350 @@
+"""LearnerActor: one DeepSpeed engine per actor, data-parallel over a process group created inside Ray.
+
+A `LearnerGroup` (driver side) starts `num_learners` actors, wires them into one torch.distributed group
+(gloo on CPU, NCCL on GPU), splits every batch of replay rows evenly over the ranks and returns rank-averaged
+metrics. Each rank holds the frozen reference model; SAPO's EMA model is kept on every rank too (it is
+updated from the full parameters, gathered under ZeRO-3). Rank 0 gathers and publishes weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from actors.remote import get_all
+from selfplay.config import Config, load_config
+from selfplay.ema import ema_update
+from selfplay.objectives import encode_rows, loss_spec, preference_loss
+from selfplay.weights import pack_buckets
+
+PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON config from ours: ZeRO stage, precision, optimizer, clipping, batch sizes."""
+    micro = cfg.train.batch_size // world_size
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: the plain torch AdamW, no fused CUDA/CPU kernel to compile; on GPU the fused one is used
+            "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": not on_gpu},
+        },
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "steps_per_print": 10**9,  # our own metrics, not DeepSpeed's prints
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.zero_stage >= 1 and not on_gpu:
+        # gloo has no reduce-scatter; ZeRO then reduces with all-reduce
+        ds["zero_optimization"].update(reduce_scatter=False, overlap_comm=False, contiguous_gradients=False)
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.train.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds
+
+
+def _skip_deepspeed_jit_ops() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory all-reduce op (~1 minute) on first init. gloo works without it,
+    and we use torch's AdamW, so mark every JIT op incompatible: nothing gets compiled."""
+    import deepspeed.ops
+
+    deepspeed.ops.__dict__["__compatible_ops__"] = {}
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, cfg_dict: dict, rank: int, world_size: int, policy: str):
+        self.cfg = load_config_dict(cfg_dict)
+        self.rank, self.world_size, self.policy_path = rank, world_size, policy
+        self.on_gpu = torch.cuda.is_available()
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """Rendezvous address for the process group (asked of rank 0 only)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float = 300.0) -> dict[str, Any]:
+        import datetime
+
+        import deepspeed
+
+        from selfplay.models import load_policy_and_tokenizer
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if not self.on_gpu:
+            _skip_deepspeed_jit_ops()
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=self.policy_path),
+                                                          cfg.seed)
+        model.train()
+        self.spec = loss_spec(cfg)
+        # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
+        self.reference = _frozen_copy(model) if self.spec.needs_reference else None
+        self.ema = _frozen_copy(model) if cfg.algorithm == "sapo" else None
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=deepspeed_config(cfg, self.world_size, self.on_gpu))
+        self.step = 0
+        self.version = 0
+        n = sum(p.numel() for p in model.parameters())
+        return {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage}
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    def train_step(self, rows: pa.Table) -> dict[str, float]:
+        """One optimizer step on this rank's share of the batch; metrics are averaged over all ranks."""
+        start = time.perf_counter()
+        data = rows.to_pydict()
+        batches = encode_rows(self.tokenizer, data, self.spec)
+        device = self.engine.device
+        batches = {k: {n: t.to(device) for n, t in b.items()} for k, b in batches.items()}
+        p_w = torch.tensor(data["p_chosen"], dtype=torch.float32) if "p_chosen" in data else None
+        p_l = torch.tensor(data["p_rejected"], dtype=torch.float32) if "p_rejected" in data else None
+        loss_vec, m = preference_loss(self.engine, self.reference, batches, self.spec, p_w, p_l)
+        loss = loss_vec.mean()
+        self.engine.backward(loss)
+        grad_norm = self._grad_norm_before_step()
+        self.engine.step()
+        self.step += 1
+        if self.ema is not None and self.step % self.cfg.sapo.ema_every == 0:
+            self._update_ema()
+        if grad_norm is None:  # ZeRO >= 1: DeepSpeed's optimizer computed it during step()
+            grad_norm = self.engine.get_global_grad_norm()
+        local = torch.tensor([loss.item(), m["reward_margin"].mean().item(), float(m["tokens"].sum()),
+                              float(len(loss_vec))], dtype=torch.float64)
+        torch.distributed.all_reduce(local)
+        return {
+            "loss": local[0].item() / self.world_size,
+            "reward_margin": local[1].item() / self.world_size,
+            "tokens": local[2].item(),
+            "pairs": local[3].item(),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step": self.step,
+            "step_seconds": time.perf_counter() - start,
+        }
+
+    def _grad_norm_before_step(self) -> float | None:
+        """Without ZeRO, DeepSpeed does not report the norm: gradients are full (and all-reduced) here."""
+        if self.cfg.train.zero_stage > 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+    def eval_loss(self, rows: pa.Table) -> float:
+        """Loss of the current weights on rows, without a step (for tests and resume checks)."""
+        data = rows.to_pydict()
+        batches = encode_rows(self.tokenizer, data, self.spec)
+        p_w = torch.tensor(data["p_chosen"], dtype=torch.float32)
+        p_l = torch.tensor(data["p_rejected"], dtype=torch.float32)
+        with torch.no_grad():
+            loss_vec, _ = preference_loss(self.engine, self.reference, batches, self.spec, p_w, p_l)
+        total = torch.tensor([loss_vec.sum().item(), float(len(loss_vec))], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def refresh_reference(self) -> None:
+        """Reference ← current policy (SPPO: the policy at the start of each iteration)."""
+        if self.reference is None:
+            return
+        state = self.full_state()
+        self.reference.load_state_dict(state, strict=False)
+
+    def _update_ema(self) -> None:
+        with self._gathered():
+            ema_update(self.ema, self.engine.module, self.cfg.sapo.ema_alpha)
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _gathered(self):
+        """Full parameters on every rank for the duration (ZeRO-3 partitions them); a no-op below stage 3."""
+        if self.cfg.train.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
+        """Full, unsharded parameters as CPU tensors (every rank must call this under ZeRO-3)."""
+        module = {"policy": self.engine.module, "ema": self.ema, "reference": self.reference}[which]
+        if module is None:
+            raise ValueError(f"this learner has no {which} model")
+        with self._gathered() if which == "policy" else contextlib.nullcontext():
+            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
+
+    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
+        """Gather full weights and put them in the object store as buckets. Collective under ZeRO-3: every rank
+        calls it; rank 0 returns {version, manifest, checksums, buckets: [ObjectRef]}, the others None."""
+        state = self.full_state(which)
+        if self.rank != 0:
+            return None
+        self.version += 1
+        packed = pack_buckets(state, bucket_bytes)
+        return {
+            "version": self.version,
+            "manifest": packed.manifest,
+            "checksums": packed.checksums,
+            "buckets": [ray.put(b) for b in packed.buckets],
+            "nbytes": packed.nbytes,
+        }
+
+    def get_version(self) -> int:
+        return self.version
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Model + EMA + reference (safetensors), optimizer (DeepSpeed, all ZeRO stages), RNG, step, version."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="latest", save_latest=False)
+        states = {w: self.full_state(w) for w in ("policy", "ema", "reference")
+                  if (w == "policy" or getattr(self, w) is not None)}
+        torch.save(_rng_state(), out / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            from selfplay.models import save_pretrained
+
+            save_pretrained(_with_state(self.engine.module, states["policy"]), self.tokenizer, out / "model")
+            for w in ("ema", "reference"):
+                if w in states:
+                    save_file(states[w], str(out / f"{w}.safetensors"))
+            (out / "trainer_state.json").write_text(json.dumps({"step": self.step, "policy_version": self.version}))
+        torch.distributed.barrier()
+        return str(out)
+
+    def load_checkpoint(self, directory: str) -> dict[str, int]:
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        self.engine.load_checkpoint(str(src / "deepspeed"), tag="latest", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        for w in ("ema", "reference"):
+            module = getattr(self, w)
+            if module is not None:
+                module.load_state_dict(load_file(str(src / f"{w}.safetensors")), strict=False)
+        _set_rng_state(torch.load(src / f"rng_rank{self.rank}.pt", weights_only=False))
+        state = json.loads((src / "trainer_state.json").read_text())
+        self.step, self.version = state["step"], state["policy_version"]
+        return state
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
+def _with_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    clone = copy.deepcopy(module) if not any(p.numel() == 0 for p in module.parameters()) else None
+    if clone is None:  # ZeRO-3 leaves empty placeholders: rebuild from the config
+        clone = type(module)(module.config)
+    clone.load_state_dict(state, strict=False)
+    return clone
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_config_dict(data: dict) -> Config:
+    """A Config from its `to_dict()` form (how it travels to actors), validated like a file."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+    try:
+        return load_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+class LearnerGroup:
+    """Driver-side handle on `num_learners` LearnerActors forming one data-parallel group.
+
+    Every call waits at most `timeout_s` and names the rank that failed; a learner failure stops the group
+    (the caller resumes from the last checkpoint).
+    """
+
+    def __init__(self, cfg: Config, policy: str | None = None, *, timeout_s: float = 600.0, num_cpus: float | None = None,
+                 num_gpus: float | None = None):
+        self.cfg, self.world_size, self.timeout_s = cfg, cfg.resources.num_learners, timeout_s
+        options = {"num_cpus": cfg.resources.learner_cpus if num_cpus is None else num_cpus,
+                   "num_gpus": cfg.resources.learner_gpus if num_gpus is None else num_gpus}
+        policy = policy or cfg.model.policy
+        self.actors = [LearnerActor.options(**options).remote(cfg.to_dict(), r, self.world_size, policy)
+                       for r in range(self.world_size)]
+        addr, port = self._get([self.actors[0].address.remote()], "address")[0]
+        self.info = self._get([a.setup.remote(addr, port) for a in self.actors], "setup")
+
+    def train_step(self, rows: pa.Table) -> dict[str, float]:
+        """Split rows evenly over the ranks (train.batch_size rows in all) and take one step."""
+        if rows.num_rows % self.world_size:
+            raise ValueError(f"{rows.num_rows} rows do not split evenly over {self.world_size} learners")
+        share = rows.num_rows // self.world_size
+        refs = [a.train_step.remote(rows.slice(r * share, share)) for r, a in enumerate(self.actors)]
+        return self._get(refs, "train_step")[0]
+
+    def eval_loss(self, rows: pa.Table) -> float:
+        share = rows.num_rows // self.world_size
+        return self._get([a.eval_loss.remote(rows.slice(r * share, share)) for r, a in enumerate(self.actors)],
+                         "eval_loss")[0]
+
+    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
+        """Gathered weights in the object store: {version, manifest, checksums, buckets, nbytes}."""
+        return self._get([a.publish.remote(which, bucket_bytes) for a in self.actors], "publish")[0]
+
+    def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
+        return self._get([a.full_state.remote(which) for a in self.actors], "full_state")[0]
+
+    def refresh_reference(self) -> None:
+        self._get([a.refresh_reference.remote() for a in self.actors], "refresh_reference")
+
+    def save_checkpoint(self, directory: str | Path) -> str:
+        return self._get([a.save_checkpoint.remote(str(directory)) for a in self.actors], "save_checkpoint")[0]
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, int]:
+        return self._get([a.load_checkpoint.remote(str(directory)) for a in self.actors], "load_checkpoint")[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def _get(self, refs: list, what: str) -> list:
+        results = get_all(dict(enumerate(refs)), self.timeout_s, what, "learner rank")
+        return [results[i] for i in range(len(refs))]

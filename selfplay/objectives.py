@@ -1,0 +1,110 @@
+"""From replay rows to a preference loss: tokenize pairs, score them under policy and reference, apply the
+algorithm's loss from `selfplay.losses`. Pure torch — learners call it with their (DeepSpeed) module.
+
+Which loss: SPPO → sppo, SRPO → srpo, SAPO → `sapo.loss` (dpo | ipo | orpo); `train.loss` overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfplay import losses
+from selfplay.logprobs import build_batch, response_logprobs
+from selfplay.tasks.base import chat_prompt
+
+LOSSES = ("dpo", "ipo", "orpo", "sppo", "srpo")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    beta: float  # DPO/SPPO/SRPO β; IPO's τ
+    alpha: float = 0.5  # SRPO's mix of L_self and L_gen
+    orpo_lambda: float = 0.1
+    revision_template: str = "{prompt}\n{response}"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name != "orpo"
+
+
+def loss_spec(cfg) -> LossSpec:
+    """The loss a `Config` asks for."""
+    name = cfg.train.loss or {"sppo": "sppo", "srpo": "srpo", "sapo": cfg.sapo.loss}[cfg.algorithm]
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; use one of {LOSSES}")
+    beta = {"sppo": cfg.sppo.beta, "srpo": cfg.srpo.beta}.get(name, cfg.sapo.beta)
+    return LossSpec(name, beta, cfg.srpo.alpha, cfg.sapo.orpo_lambda, cfg.srpo.revision_template)
+
+
+def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
+    p_ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids = [tokenizer(r + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for r in responses]
+    return build_batch(p_ids, r_ids, tokenizer.pad_token_id, padding_side="right")
+
+
+def encode_rows(tokenizer, rows: dict[str, Sequence[Any]], spec: LossSpec) -> dict[str, dict[str, Tensor]]:
+    """Token batches the loss needs: `pairs` = chosen rows then rejected rows (one forward pass); for SRPO also
+    `revisions` = w|l, l|l, w|w, l|w: each response as a revision of the rejected / the chosen one."""
+    prompts, chosen, rejected = list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"])
+    out = {"pairs": _encode(tokenizer, prompts * 2, chosen + rejected)}
+    if spec.name == "srpo":
+        t = spec.revision_template
+        given_l = [t.format(prompt=p, response=r) for p, r in zip(prompts, rejected)]
+        given_w = [t.format(prompt=p, response=c) for p, c in zip(prompts, chosen)]
+        out["revisions"] = _encode(tokenizer, given_l * 2 + given_w * 2, chosen + rejected + chosen + rejected)
+    return out
+
+
+def _logps(model, batches: dict[str, dict[str, Tensor]], device) -> dict[str, tuple[Tensor, Tensor]]:
+    return {k: response_logprobs(model, {n: v.to(device) for n, v in b.items()}) for k, b in batches.items()}
+
+
+def preference_loss(
+    policy,
+    reference,
+    batches: dict[str, dict[str, Tensor]],
+    spec: LossSpec,
+    p_chosen: Tensor | None = None,
+    p_rejected: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-example loss [B] and per-example metrics (reward margin, log-probs, response tokens)."""
+    device = batches["pairs"]["input_ids"].device
+    pol = _logps(policy, batches, device)
+    logp, ntok = pol["pairs"]
+    n = logp.shape[0] // 2
+    pi_w, pi_l = logp[:n], logp[n:]
+    if spec.needs_reference:
+        with torch.no_grad():
+            ref = _logps(reference, batches, device)
+        ref_w, ref_l = ref["pairs"][0][:n], ref["pairs"][0][n:]
+    else:
+        ref_w = ref_l = torch.zeros_like(pi_w)
+    if spec.name == "dpo":
+        loss = losses.dpo_loss(pi_w, pi_l, ref_w, ref_l, spec.beta)
+    elif spec.name == "ipo":
+        loss = losses.ipo_loss(pi_w, pi_l, ref_w, ref_l, spec.beta)
+    elif spec.name == "orpo":
+        loss = losses.orpo_loss(pi_w, pi_l, ntok[:n], ntok[n:], spec.orpo_lambda)
+    elif spec.name == "sppo":
+        if p_chosen is None or p_rejected is None:
+            raise ValueError("the SPPO loss needs p_chosen and p_rejected for every row")
+        loss = losses.sppo_loss(pi_w, pi_l, ref_w, ref_l, p_chosen.to(pi_w), p_rejected.to(pi_w), spec.beta)
+    elif spec.name == "srpo":
+        h_rev = pol["revisions"][0] - ref["revisions"][0]
+        w_l, l_l, w_w, l_w = h_rev.split(n)
+        loss = losses.srpo_loss(w_l, l_l, w_w, l_w, pi_w - ref_w, pi_l - ref_l, spec.beta, spec.alpha)
+    else:
+        raise ValueError(f"unknown loss {spec.name!r}")
+    metrics = {
+        "reward_margin": losses.reward_margin(pi_w, pi_l, ref_w, ref_l, spec.beta).detach(),
+        "logp_chosen": pi_w.detach(),
+        "logp_rejected": pi_l.detach(),
+        "tokens": (ntok[:n] + ntok[n:]).detach(),
+    }
+    return loss, metrics
