@@ -210,6 +210,28 @@ class LearnerActor:
             "nbytes": packed.nbytes,
         }
 
+    def open_channel(self, host: str, port: int, rank: int, size: int, backend: str, timeout_s: float) -> bool:
+        """Join the weight broadcast group as its sender (rank 0 only)."""
+        from actors.weight_sync import BroadcastChannel, BroadcastSender
+
+        self.sender = BroadcastSender(BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend))
+        return True
+
+    def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
+        """Like `publish`, but rank 0 broadcasts the buckets to the generators in a background thread and
+        returns at once; the next train_step runs while generators receive."""
+        state = self.full_state(which)
+        if self.rank != 0:
+            return None
+        self.version += 1
+        packed = pack_buckets(state, bucket_bytes)
+        self.sender.start(self.version, packed)
+        return {"version": self.version, "nbytes": packed.nbytes, "buckets": len(packed.buckets)}
+
+    def wait_broadcast(self, timeout_s: float | None = None) -> bool:
+        self.sender.wait(timeout_s)
+        return True
+
     def get_version(self) -> int:
         return self.version
 
@@ -327,6 +349,9 @@ class LearnerGroup:
     def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
         """Gathered weights in the object store: {version, manifest, checksums, buckets, nbytes}."""
         return self._get([a.publish.remote(which, bucket_bytes) for a in self.actors], "publish")[0]
+
+    def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
+        return self._get([a.publish_broadcast.remote(which, bucket_bytes) for a in self.actors], "publish_broadcast")[0]
 
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
         return self._get([a.full_state.remote(which) for a in self.actors], "full_state")[0]

