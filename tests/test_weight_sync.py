@@ -48,3 +48,20 @@ def test_generators_receive_learner_weights_bit_for_bit(setup, transport, mode):
     assert sync.latencies and sync.latencies[-1] > 0
     if transport == "collective":
         ray.get(learners.actors[0].wait_broadcast.remote(60))
+
+
+def test_a_stuck_generator_times_out_with_its_name(setup):
+    import ray
+
+    from actors.weight_sync import WeightSync
+    from selfplay.tasks import SortTask
+
+    learners, gens = setup
+    busy = gens[1].sample.remote(SortTask().prompts("eval", 128), k=8, max_new_tokens=24)  # generator 1 is busy
+    sync = WeightSync(learners, gens, mode="async", timeout_s=1.0)
+    push = sync.push()
+    with pytest.raises(TimeoutError, match=rf"generator [01]: load weights v{push.version} did not finish within 1s"):
+        sync.wait()
+    ray.get(busy)
+    # nothing hung and nothing was lost: the update lands once generator 1 is free
+    assert ray.get([g.version.remote() for g in gens], timeout=120) == [push.version] * 2

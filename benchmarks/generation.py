@@ -1,0 +1,88 @@
+"""Generation throughput: tokens/s of each backend (hf, vllm) at batch 1, 8 and 32 on the tiny model, and the
+GeneratorActor's overhead — the same requests through the actor vs the backend called directly in-process.
+
+The tiny model's untrained weights never emit EOS, so every request produces exactly `--tokens` tokens.
+
+    python -m benchmarks.generation            # 64 new tokens per request
+    python -m benchmarks.generation --quick    # 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import tempfile
+import time
+
+import ray
+import torch
+
+from selfplay.backends import make_backend
+from selfplay.config import load_config
+from selfplay.tasks import SortTask, chat_prompt
+from selfplay.tiny import build_tiny
+
+BATCHES = (1, 8, 32)
+
+
+def rate(fn, tokens_expected: int, repeats: int = 2) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        produced = fn()
+        best = min(best, time.perf_counter() - start)
+    assert produced == tokens_expected, (produced, tokens_expected)
+    return tokens_expected / best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 64, quick 32)")
+    args = parser.parse_args(argv)
+    new_tokens = args.tokens or (32 if args.quick else 64)
+    torch.set_num_threads(1)  # one thread for the in-process backend, like the one-CPU actor beside it
+    backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    workdir = tempfile.mkdtemp(prefix="bench-gen-")
+    _, tok = build_tiny(0, f"{workdir}/tiny")
+    policy = f"{workdir}/tiny"
+    prompts = SortTask().prompts("eval", max(BATCHES), seed=0)
+    ids = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from actors.generator import GeneratorActor
+
+    results = []
+    t0 = time.perf_counter()
+    try:
+        for name in backends:
+            backend = make_backend(name, policy, tokenizer=tok)
+            cfg = load_config(None, [f"generation.backend={name}", f"model.policy={policy}", "resources.generator_cpus=1"])
+            actor = GeneratorActor.options(num_cpus=1).remote(cfg.to_dict(), policy, 0)
+            for batch in BATCHES:
+                kw = dict(num_samples=1, temperature=0.0, max_new_tokens=new_tokens)
+                direct = rate(lambda b=backend, n=batch: sum(len(c[0].token_ids) for c in b.generate(ids[:n], **kw)),
+                              batch * new_tokens)
+                through_actor = rate(
+                    lambda n=batch: sum(len(r["samples"][0]["token_ids"]) for r in ray.get(
+                        actor.sample.remote(prompts[:n], k=1, temperature=0.0, max_new_tokens=new_tokens))),
+                    batch * new_tokens)
+                results.append({"backend": name, "batch": batch, "direct_tokens_per_s": round(direct, 1),
+                                "actor_tokens_per_s": round(through_actor, 1),
+                                "actor_overhead_ratio": round(direct / through_actor, 3)})
+            ray.kill(actor)
+            del backend
+    finally:
+        ray.shutdown()
+    out = {"benchmark": "generation", "command": "python -m benchmarks.generation" + (" --quick" if args.quick else ""),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": "tiny (0.44M params)",
+           "new_tokens": new_tokens, "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
