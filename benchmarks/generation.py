@@ -62,14 +62,18 @@ def main(argv=None) -> dict:
             backend = make_backend(name, policy, tokenizer=tok)
             cfg = load_config(None, [f"generation.backend={name}", f"model.policy={policy}", "resources.generator_cpus=1"])
             actor = GeneratorActor.options(num_cpus=1).remote(cfg.to_dict(), policy, 0)
+            greedy = dict(num_samples=1, temperature=0.0, max_new_tokens=new_tokens)
+
+            def direct_tokens(n, backend=backend):
+                return sum(len(c[0].token_ids) for c in backend.generate(ids[:n], **greedy))
+
+            def actor_tokens(n, actor=actor):
+                results = ray.get(actor.sample.remote(prompts[:n], k=1, temperature=0.0, max_new_tokens=new_tokens))
+                return sum(len(r["samples"][0]["token_ids"]) for r in results)
+
             for batch in BATCHES:
-                kw = dict(num_samples=1, temperature=0.0, max_new_tokens=new_tokens)
-                direct = rate(lambda b=backend, n=batch: sum(len(c[0].token_ids) for c in b.generate(ids[:n], **kw)),
-                              batch * new_tokens)
-                through_actor = rate(
-                    lambda n=batch: sum(len(r["samples"][0]["token_ids"]) for r in ray.get(
-                        actor.sample.remote(prompts[:n], k=1, temperature=0.0, max_new_tokens=new_tokens))),
-                    batch * new_tokens)
+                direct = rate(lambda n=batch: direct_tokens(n), batch * new_tokens)
+                through_actor = rate(lambda n=batch: actor_tokens(n), batch * new_tokens)
                 results.append({"backend": name, "batch": batch, "direct_tokens_per_s": round(direct, 1),
                                 "actor_tokens_per_s": round(through_actor, 1),
                                 "actor_overhead_ratio": round(direct / through_actor, 3)})
