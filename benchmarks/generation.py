@@ -62,10 +62,9 @@ def main(argv=None) -> dict:
             backend = make_backend(name, policy, tokenizer=tok)
             cfg = load_config(None, [f"generation.backend={name}", f"model.policy={policy}", "resources.generator_cpus=1"])
             actor = GeneratorActor.options(num_cpus=1).remote(cfg.to_dict(), policy, 0)
-            greedy = dict(num_samples=1, temperature=0.0, max_new_tokens=new_tokens)
-
             def direct_tokens(n, backend=backend):
-                return sum(len(c[0].token_ids) for c in backend.generate(ids[:n], **greedy))
+                out = backend.generate(ids[:n], num_samples=1, temperature=0.0, max_new_tokens=new_tokens)
+                return sum(len(c[0].token_ids) for c in out)
 
             def actor_tokens(n, actor=actor):
                 results = ray.get(actor.sample.remote(prompts[:n], k=1, temperature=0.0, max_new_tokens=new_tokens))
