@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: setup demo test test-fast lint constraints clean
 
 setup:
-	scripts/bootstrap.sh dev
+	scripts/bootstrap.sh
 
 demo: setup
 	$(VENV)/bin/selfplay warmup

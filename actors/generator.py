@@ -139,6 +139,13 @@ class GeneratorActor:
         return [{"prompt_id": p.prompt_id, "prompt": p.text, "chain": c, "policy_version": self.policy_version}
                 for p, c in zip(prompts, chains)]
 
+    def sample_and_revise(self, prompts: list[Prompt | str], rounds: int | None = None,
+                          seed: int | None = None) -> list[dict]:
+        """SRPO in one call: one sampled answer per prompt, then `rounds` self-revisions of it."""
+        first = self.sample(prompts, k=1, seed=seed)
+        return self.revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
+                           seed=None if seed is None else seed + 1)
+
     # -- weights -------------------------------------------------------------------------------------------------
 
     def open_channel(self, host: str, port: int, rank: int, size: int, backend: str, timeout_s: float) -> bool:
