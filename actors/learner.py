@@ -335,10 +335,16 @@ class LearnerGroup:
 
     def train_step(self, rows: pa.Table) -> dict[str, float]:
         """Split rows evenly over the ranks (train.batch_size rows in all) and take one step."""
+        return self.finish_step(self.train_step_async(rows))
+
+    def train_step_async(self, rows: pa.Table) -> list:
+        """Start a step and return at once (the refs); `finish_step` collects the metrics."""
         if rows.num_rows % self.world_size:
             raise ValueError(f"{rows.num_rows} rows do not split evenly over {self.world_size} learners")
         share = rows.num_rows // self.world_size
-        refs = [a.train_step.remote(rows.slice(r * share, share)) for r, a in enumerate(self.actors)]
+        return [a.train_step.remote(rows.slice(r * share, share)) for r, a in enumerate(self.actors)]
+
+    def finish_step(self, refs: list) -> dict[str, float]:
         return self._get(refs, "train_step")[0]
 
     def eval_loss(self, rows: pa.Table) -> float:

@@ -1,5 +1,7 @@
 """The `selfplay` command line.
 
+  selfplay demo     self-play on the embedded tiny model and synthetic task on a local Ray cluster
+  selfplay run      the same driver on any config (real models, prompt sets, cluster resources)
   selfplay warmup   build the policy (the embedded tiny model by default), run the supervised warm-up and
                     print its held-out task score before and after
   selfplay eval     win rate of policy A against policy B on held-out prompts, with any judge
@@ -29,6 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="self-play on the tiny model + sort task, local Ray; prints win rate vs initial")
+    p.add_argument("--algorithm", choices=["sppo", "sapo", "srpo"], default="sppo")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync")
+    p.add_argument("--quick", action="store_true", help="a few steps only (for smoke tests)")
+    p.add_argument("--out", help="output directory (default runs/demo-<algorithm>-<mode>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run self-play from a config file")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="output directory (default: out_dir from the config)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("warmup", help="build the initial policy, warm it up, print its held-out task score")
     _add_config_args(p)
@@ -61,6 +77,36 @@ def _version() -> str:
     from selfplay import __version__
 
     return __version__
+
+
+def _run_driver(cfg, out: str) -> int:
+    import ray
+
+    from actors.driver import Driver
+
+    started_here = not ray.is_initialized()
+    if started_here:  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
+        ray.init(include_dashboard=False, log_to_driver=False, namespace="selfplay")
+    try:
+        Driver(cfg, out).run()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from selfplay.demo import demo_config
+
+    cfg = demo_config(args.algorithm, args.mode, args.quick, args.overrides)
+    return _run_driver(cfg, args.out or f"runs/demo-{args.algorithm}-{args.mode}")
+
+
+def cmd_run(args) -> int:
+    from selfplay.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return _run_driver(cfg, args.out or cfg.out_dir)
 
 
 def cmd_config(args) -> int:

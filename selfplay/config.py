@@ -53,7 +53,15 @@ class GenerationConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 24
+    prompts_per_request: int = 8  # prompts in one generator call (each yields one judge group)
     gpu_memory_utilization: float = 0.2  # vLLM only; on CPU it is the share of RAM kept for the KV cache
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = 200  # held-out prompts for winrate_vs_initial
+    temperature: float = 0.0  # 0: greedy, deterministic answers from both policies
+    every: int = 0  # also evaluate every N learner steps (0: only at the end)
 
 
 @dataclass
@@ -154,6 +162,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -385,6 +394,10 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.replay.max_staleness is None or cfg.replay.max_staleness >= 0, "replay.max_staleness",
           "must be >= 0 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
+    check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")
+    check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
+    check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: only at the end)")
     return errors
 
 

@@ -15,6 +15,10 @@ class SAPORecipe:
     def __init__(self, cfg):
         self.segment_len = cfg.sapo.segment_len
 
+    def responses(self, results: list[dict]) -> int:
+        """How many responses the generators sampled for these results."""
+        return len(results) * 1
+
     def request(self, generator, prompts, seed: int):
         missing = [p.prompt_id for p in prompts if p.reference is None]
         if missing:

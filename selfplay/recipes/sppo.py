@@ -14,6 +14,10 @@ class SPPORecipe:
         self.k = cfg.sppo.k
         self.iterations = cfg.sppo.iterations
 
+    def responses(self, results: list[dict]) -> int:
+        """How many responses the generators sampled for these results."""
+        return len(results) * self.k
+
     def request(self, generator, prompts, seed: int):
         return generator.sample.remote(prompts, k=self.k, seed=seed)
 

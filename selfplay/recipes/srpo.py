@@ -12,6 +12,10 @@ class SRPORecipe:
     def __init__(self, cfg):
         self.rounds = max(1, cfg.srpo.revisions)
 
+    def responses(self, results: list[dict]) -> int:
+        """How many responses the generators sampled for these results."""
+        return len(results) * self.rounds + 1
+
     def request(self, generator, prompts, seed: int):
         return generator.sample_and_revise.remote(prompts, rounds=self.rounds, seed=seed)
 

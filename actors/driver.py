@@ -1,0 +1,340 @@
+"""The driver: builds generators, judges, replay shards and learners from the config and runs self-play.
+
+    prompts → GeneratorActor ×G → JudgeActor ×J → ReplayBuffer (S shards) → LearnerGroup (L ranks)
+                ▲                                                               │
+                └────────────── WeightSync (object store | broadcast) ◄─────────┘
+
+sync  — lock-step, the papers' schedule: generate → judge → store → train → push weights (and wait).
+async — generators never wait: each always has a request in flight; judged rows stream into the buffer;
+        learners train from the buffer as soon as it holds a batch; weights are pushed every `sync_every`
+        steps without waiting, and generators apply them between batches. Rows more than
+        `replay.max_staleness` versions old are dropped at sampling time and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.generator import GeneratorActor
+from actors.judge import JudgeActor
+from actors.learner import LearnerGroup
+from actors.metrics import RunMetrics, plot
+from actors.remote import get_all
+from actors.replay import ReplayBuffer
+from actors.weight_sync import WeightSync
+from selfplay.config import Config
+from selfplay.recipes import make_recipe
+from selfplay.tasks import Prompt, load_prompts, make_task
+
+
+class PromptStream:
+    """Endless, reshuffled-per-epoch stream of training prompts (deterministic from the seed)."""
+
+    def __init__(self, prompts: list[Prompt], seed: int):
+        if not prompts:
+            raise ValueError("no training prompts")
+        self.prompts, self.rng, self.order = prompts, random.Random(seed), []
+
+    def take(self, n: int) -> list[Prompt]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.prompts)))
+                self.rng.shuffle(self.order)
+            out.append(self.prompts[self.order.pop()])
+        return out
+
+
+@dataclasses.dataclass
+class Counters:
+    samples_generated: int = 0  # responses sampled
+    groups_judged: int = 0
+    rows_added: int = 0  # replay rows acknowledged by the buffer
+    skipped_ties: int = 0
+    samples_trained: int = 0
+    learner_steps: int = 0
+    weight_syncs: int = 0
+
+
+class Driver:
+    def __init__(self, cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out_dir), log
+        self.counters = Counters()
+        self.evals: list[dict[str, Any]] = []
+        self.intervals: dict[str, list[tuple[float, float]]] = {"generate": [], "train": []}
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _prompts(self) -> tuple[list[Prompt], list[Prompt], Any]:
+        cfg = self.cfg
+        if cfg.task.name == "file":
+            prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field)
+            cut = max(1, len(prompts) // 10)
+            return prompts[cut:], prompts[:cut], None
+        task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
+        return (task.prompts("train", cfg.task.train_size, cfg.seed),
+                task.prompts("eval", min(cfg.task.eval_size, cfg.eval.prompts), cfg.seed), task)
+
+    def _initial_policy(self) -> str:
+        """The tiny model is warmed up into a weak initial policy first; any other model starts as it is."""
+        cfg = self.cfg
+        if cfg.model.policy != "tiny":
+            return cfg.model.policy
+        import torch
+
+        from selfplay.models import load_policy_and_tokenizer, save_pretrained
+        from selfplay.warmup import supervised_warmup
+
+        torch.manual_seed(cfg.seed)
+        model, tok = load_policy_and_tokenizer(cfg.model, cfg.seed)
+        if cfg.warmup.steps:
+            supervised_warmup(model, tok, self.train_prompts, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
+                              lr=cfg.warmup.lr, seed=cfg.seed, log=self.log, log_every=max(1, cfg.warmup.steps // 2))
+        return str(save_pretrained(model, tok, self.out / "initial_policy"))
+
+    def _build(self, policy: str) -> None:
+        cfg, r = self.cfg, self.cfg.resources
+        cfg_dict = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=policy)).to_dict()
+        self.generators = [
+            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus).remote(cfg_dict, policy, i)
+            for i in range(r.num_generators)
+        ]
+        self.judges = [
+            JudgeActor.options(num_cpus=r.judge_cpus, num_gpus=r.judge_gpus).remote(cfg.judge, cfg.task, cfg.algorithm)
+            for _ in range(r.num_judges)
+        ]
+        self.replay = ReplayBuffer.from_config(cfg)
+        self.learners = LearnerGroup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=policy)))
+        self.sync = WeightSync(self.learners, self.generators, mode=cfg.mode, which=self.recipe.weights,
+                               timeout_s=600)
+        get_all({i: g.version.remote() for i, g in enumerate(self.generators)}, 600, "start", "generator")
+
+    # -- the run --------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(cfg.to_yaml())
+        self.recipe = make_recipe(cfg)
+        self.train_prompts, self.eval_prompts, self.task = self._prompts()
+        self.stream = PromptStream(self.train_prompts, cfg.seed)
+        self.log(f"[selfplay] {cfg.algorithm} in {cfg.mode} mode → {self.out}")
+        self.initial_policy = self._initial_policy()
+        self.log(f"[selfplay] starting {cfg.resources.num_generators} generator(s), {cfg.resources.num_judges} judge(s), "
+                 f"{cfg.resources.replay_shards} replay shard(s), {cfg.resources.num_learners} learner(s)")
+        self.metrics = None
+        try:
+            self._build(self.initial_policy)
+            self.metrics = RunMetrics(self.out, cfg, run_name=self.out.name)
+            self.t0 = time.perf_counter()
+            if self.recipe.weights == "ema":
+                self.sync.push()  # SAPO generators serve the EMA policy from the first batch
+                self.sync.wait()
+            (self._run_sync if cfg.mode == "sync" else self._run_async)()
+            self.sync.wait()
+            final = self.learners.save_checkpoint(self.out / "checkpoints" / f"step_{self.counters.learner_steps}")
+            self.replay.snapshot(Path(final) / "replay")
+            self._evaluate(final_dir=Path(final) / "model")
+            summary = self._summary(time.perf_counter() - start)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.metrics.summary(summary)
+            plot(self.metrics.records, self.evals, self.out)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            self._shutdown()
+        self.log(f"[selfplay] done in {summary['wall_seconds']:.0f}s: win rate vs initial "
+                 f"{summary['winrate_vs_initial']:.3f} on {summary['eval_prompts']} held-out prompts → "
+                 f"{self.out / 'summary.json'}")
+        return summary
+
+    def _request(self, i: int) -> ray.ObjectRef:
+        prompts = self.stream.take(self.cfg.generation.prompts_per_request)
+        self._requests = getattr(self, "_requests", 0) + 1
+        return self.recipe.request(self.generators[i], prompts, seed=self.cfg.seed * 100_003 + self._requests)
+
+    def _judge(self, results: list[dict], j: int) -> ray.ObjectRef:
+        self.counters.samples_generated += self.recipe.responses(results)
+        return self.judges[j % len(self.judges)].judge.remote(self.recipe.groups(results))
+
+    def _store(self, verdict: dict) -> None:
+        self.counters.groups_judged += len(verdict["verdicts"])
+        self.counters.skipped_ties += verdict["skipped_ties"]
+        self.counters.rows_added += self.replay.add(verdict["rows"])
+
+    def _run_sync(self) -> None:
+        cfg = self.cfg
+        for step in range(cfg.train.steps):
+            self._maybe_refresh_reference(step)
+            # one round of generation per step; more while the buffer cannot fill a batch (ties give no row)
+            for _ in range(20):
+                t = time.perf_counter()
+                results = get_all({i: self._request(i) for i in range(len(self.generators))}, 600, "generate",
+                                  "generator")
+                self.intervals["generate"].append((t, time.perf_counter()))
+                verdicts = get_all({i: self._judge(res, i) for i, res in results.items()}, 600, "judge", "judge")
+                for v in verdicts.values():
+                    self._store(v)
+                if self.replay.stats()["size"] >= cfg.train.batch_size:
+                    break
+            t = time.perf_counter()
+            metrics = self._train_batch()
+            self.intervals["train"].append((t, time.perf_counter()))
+            self._after_step(metrics)
+
+    def _run_async(self) -> None:
+        cfg = self.cfg
+        generating = {self._request(i): i for i in range(len(self.generators))}
+        started = {ref: time.perf_counter() for ref in generating}
+        judging: dict[ray.ObjectRef, int] = {}
+        training = None
+        while self.counters.learner_steps < cfg.train.steps:
+            if training is None and self.replay.stats()["size"] >= cfg.train.batch_size:
+                self._maybe_refresh_reference(self.counters.learner_steps)
+                rows = self.replay.sample(cfg.train.batch_size, current_version=self.sync_version())
+                if rows.num_rows == cfg.train.batch_size:
+                    training = (self.learners.train_step_async(rows), time.perf_counter(), rows)
+            waiting = list(generating) + list(judging) + (training[0] if training else [])
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=600)
+            if not ready:
+                raise TimeoutError("no generator, judge or learner finished within 600s")
+            ref = ready[0]
+            if ref in generating:  # a generator is done: judge its batch and give it the next one at once
+                i = generating.pop(ref)
+                self.intervals["generate"].append((started.pop(ref), time.perf_counter()))
+                judging[self._judge(ray.get(ref), i)] = i
+                new = self._request(i)
+                generating[new], started[new] = i, time.perf_counter()
+            elif ref in judging:
+                judging.pop(ref)
+                self._store(ray.get(ref))
+            elif training and ref in training[0]:
+                refs, t, rows = training
+                metrics = self.learners.finish_step(refs)
+                self.intervals["train"].append((t, time.perf_counter()))
+                training = None
+                self._after_step(metrics, rows)
+        for ref in list(judging):  # rows already generated are stored, not dropped
+            self._store(ray.get(ref, timeout=600))
+
+    def _train_batch(self) -> dict[str, Any]:
+        rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync_version())
+        if rows.num_rows < self.cfg.train.batch_size:
+            raise RuntimeError(f"replay buffer returned {rows.num_rows} rows for a batch of {self.cfg.train.batch_size}:"
+                               " generation produced too few judged pairs (all ties?)")
+        return {**self.learners.train_step(rows), "_rows": rows}
+
+    def _after_step(self, metrics: dict[str, Any], rows=None) -> None:
+        cfg, c = self.cfg, self.counters
+        rows = metrics.pop("_rows", rows)
+        c.learner_steps += 1
+        c.samples_trained += rows.num_rows
+        versions = rows.column("policy_version").to_pylist()
+        if c.learner_steps % cfg.train.sync_every == 0:
+            self.sync.push()
+            c.weight_syncs += 1
+        else:
+            self.sync.poll()
+        learner_version = self.sync_version()
+        lag = self.sync.version_lag(learner_version)
+        stats = self.replay.stats()
+        elapsed = time.perf_counter() - self.t0
+        record = {
+            "step": c.learner_steps, "time": round(elapsed, 3), "loss": metrics["loss"],
+            "reward_margin": metrics["reward_margin"], "grad_norm": metrics["grad_norm"],
+            "samples_generated": c.samples_generated, "samples_trained": c.samples_trained,
+            "samples_per_s": c.samples_generated / elapsed, "buffer_size": stats["size"],
+            "samples_dropped_stale": stats["dropped_stale"], "policy_version": learner_version,
+            "weight_version_lag": sum(lag.values()) / len(lag),
+            "trained_version_lag": learner_version - sum(versions) / len(versions),
+            "sync_latency": self.sync.latencies[-1] if self.sync.latencies else None,
+        }
+        self.metrics.log(record, new_samples=c.samples_generated - getattr(self, "_logged_samples", 0),
+                         new_trained=rows.num_rows)
+        self._logged_samples = c.samples_generated
+        if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
+            self._evaluate()
+        if c.learner_steps % cfg.logging.log_every == 0 or c.learner_steps == cfg.train.steps:
+            self.log(f"step {c.learner_steps}/{cfg.train.steps} | loss {record['loss']:.4g} | margin "
+                     f"{record['reward_margin']:+.3f} | {record['samples_per_s']:.1f} samples/s | buffer "
+                     f"{record['buffer_size']} | version {learner_version} (lag {record['weight_version_lag']:.1f}) | "
+                     f"{elapsed:.0f}s")
+
+    def sync_version(self) -> int:
+        return max([0] + [p.version for p in self.sync.pending] + list(self.sync.generator_versions.values()))
+
+    def _maybe_refresh_reference(self, step: int) -> None:
+        if self.recipe.refresh_reference(step, self.cfg.train.steps):
+            self.learners.refresh_reference()
+            self.log(f"[selfplay] step {step}: new SPPO iteration, reference ← current policy")
+
+    # -- evaluation and outputs -----------------------------------------------------------------------------------
+
+    def _evaluate(self, final_dir: Path | None = None) -> dict[str, Any]:
+        """Current policy vs the initial one on held-out prompts (the task judge, or the configured judge)."""
+        import torch
+
+        from selfplay.evaluate import head_to_head
+        from selfplay.judges import make_judge
+        from selfplay.models import load_causal_lm, load_tokenizer
+
+        cfg = self.cfg
+        tok = load_tokenizer(self.initial_policy, cfg.model.trust_remote_code)
+        initial = load_causal_lm(self.initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
+        if final_dir is not None:
+            current = load_causal_lm(str(final_dir), cfg.model.dtype, cfg.model.trust_remote_code, tok)
+        else:
+            current = load_causal_lm(self.initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
+            current.load_state_dict(self.learners.full_state(), strict=False)
+        judge = make_judge(cfg.judge, cfg.task)
+        with torch.no_grad():
+            result = head_to_head(current, initial, tok, tok, self.eval_prompts, judge, seed=cfg.seed + 7,
+                                  task=self.task, max_new_tokens=cfg.generation.max_new_tokens,
+                                  temperature=cfg.eval.temperature, top_p=cfg.generation.top_p)
+        record = {"step": self.counters.learner_steps, "winrate_vs_initial": result["winrate"],
+                  "stderr": result["stderr"], "task_score": result["task_score_a"],
+                  "initial_task_score": result["task_score_b"], "n": result["n"]}
+        self.evals.append(record)
+        self.log(f"[eval] step {record['step']}: win rate vs initial {record['winrate_vs_initial']:.3f} "
+                 f"± {record['stderr']:.3f}" + (f", task score {record['task_score']:.3f} (initial "
+                                                 f"{record['initial_task_score']:.3f})" if self.task else ""))
+        return record
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        c, final, stats = self.counters, self.evals[-1], self.replay.stats()
+        return {
+            "algorithm": self.cfg.algorithm, "mode": self.cfg.mode, "policy_version": self.sync_version(),
+            "learner_steps": c.learner_steps, "samples_generated": c.samples_generated,
+            "samples_trained": c.samples_trained, "samples_dropped_stale": stats["dropped_stale"],
+            "weight_syncs": c.weight_syncs, "winrate_vs_initial": final["winrate_vs_initial"],
+            "winrate_stderr": final["stderr"], "task_score": final["task_score"],
+            "initial_task_score": final["initial_task_score"], "eval_prompts": final["n"],
+            "wall_seconds": round(wall, 2), "actor_restarts": 0, "rows_added": c.rows_added,
+            "skipped_ties": c.skipped_ties, "generate_train_overlap_seconds": round(self.overlap(), 3),
+            "evals": self.evals,
+        }
+
+    def overlap(self) -> float:
+        """Seconds during which a generation request and a learner step were both running."""
+        total = 0.0
+        for gs, ge in self.intervals["generate"]:
+            for ts, te in self.intervals["train"]:
+                total += max(0.0, min(ge, te) - max(gs, ts))
+        return total
+
+    def _shutdown(self) -> None:
+        for handle in getattr(self, "generators", []) + getattr(self, "judges", []):
+            ray.kill(handle)
+        if hasattr(self, "replay"):
+            self.replay.shutdown()
+        if hasattr(self, "learners"):
+            self.learners.shutdown()

@@ -1,0 +1,96 @@
+"""What a run reports, in three places at once: `metrics.jsonl` (one object per learner step), W&B (when
+`logging.wandb` is on; offline with WANDB_MODE=offline) and Ray custom metrics, which the Ray dashboard and
+its Prometheus endpoint show live."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RunMetrics:
+    def __init__(self, out_dir: Path, cfg, run_name: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.path = out_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.records: list[dict[str, Any]] = []
+        tags = {"algorithm": cfg.algorithm, "mode": cfg.mode}
+        keys = tuple(tags)
+        self.ray = {
+            "samples_generated": Counter("selfplay_samples_generated", "responses sampled by generators", keys),
+            "samples_trained": Counter("selfplay_samples_trained", "preference pairs trained on", keys),
+            "buffer_size": Gauge("selfplay_buffer_size", "rows in the replay buffer", keys),
+            "weight_version_lag": Gauge("selfplay_weight_version_lag",
+                                        "learner version minus the version generators serve (mean)", keys),
+            "sync_latency": Gauge("selfplay_sync_latency_seconds", "last weight push: publish to all applied", keys),
+            "loss": Gauge("selfplay_loss", "learner loss of the last step", keys),
+        }
+        for metric in self.ray.values():
+            metric.set_default_tags(tags)
+        self.wandb = None
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, group=cfg.logging.wandb_group or cfg.algorithm,
+                                    name=run_name, config=cfg.to_dict(), dir=str(out_dir), reinit="finish_previous")
+
+    def log(self, record: dict[str, Any], new_samples: int = 0, new_trained: int = 0) -> None:
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if new_samples:
+            self.ray["samples_generated"].inc(new_samples)
+        if new_trained:
+            self.ray["samples_trained"].inc(new_trained)
+        for key in ("buffer_size", "weight_version_lag", "sync_latency", "loss"):
+            if record.get(key) is not None:
+                self.ray[key].set(float(record[key]))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot(records: list[dict[str, Any]], evals: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """loss.png, version_lag.png, winrate.png from the run's records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    series = [("loss.png", "loss", "learner loss"), ("version_lag.png", "weight_version_lag", "version lag")]
+    for name, key, label in series:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if points:
+            ax.plot(*zip(*points), lw=1.2)
+        ax.set_xlabel("learner step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        made.append(out_dir / name)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["winrate_vs_initial"] for e in evals], "o-")
+    ax.axhline(0.5, color="grey", ls="--", lw=1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("win rate vs initial policy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "winrate.png", dpi=100)
+    plt.close(fig)
+    made.append(out_dir / "winrate.png")
+    return made

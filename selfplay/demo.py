@@ -1,0 +1,42 @@
+"""The embedded demo: settings that make self-play visibly improve the tiny model on the sort task within a
+few minutes on 2 CPU cores. Paper-scale settings live in configs/ (and the dataclass defaults)."""
+
+from __future__ import annotations
+
+from selfplay.config import Config, load_config
+
+# shared by all three algorithms: a small, fast loop on the tiny model
+COMMON = [
+    "out_dir=runs/demo",
+    "generation.temperature=1.0",
+    "generation.top_p=1.0",
+    "generation.prompts_per_request=16",
+    "train.lr=3e-4",
+    "train.batch_size=16",
+    "train.steps=120",
+    "replay.capacity=256",
+    "eval.prompts=200",
+    "eval.every=40",
+    "logging.log_every=10",
+    "resources.generator_cpus=0.5",
+    "resources.learner_cpus=0.5",
+    "resources.judge_cpus=0.25",
+    "resources.replay_cpus=0.25",
+]
+ALGORITHM = {
+    "sppo": ["sppo.k=4", "sppo.beta=0.1", "sppo.iterations=3"],
+    "sapo": ["sapo.segment_len=6", "sapo.beta=0.1", "sapo.ema_alpha=0.5", "sapo.ema_every=2",
+             "replay.sampling=least_sampled"],
+    "srpo": ["srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
+}
+QUICK = ["train.steps=12", "eval.prompts=40", "eval.every=0", "warmup.steps=30", "logging.log_every=4"]
+
+
+def demo_overrides(algorithm: str = "sppo", mode: str = "sync", quick: bool = False) -> list[str]:
+    if algorithm not in ALGORITHM:
+        raise ValueError(f"unknown algorithm {algorithm!r}; use one of {sorted(ALGORITHM)}")
+    return [f"algorithm={algorithm}", f"mode={mode}", *COMMON, *ALGORITHM[algorithm], *(QUICK if quick else [])]
+
+
+def demo_config(algorithm: str = "sppo", mode: str = "sync", quick: bool = False, extra: list[str] = ()) -> Config:
+    return load_config(None, [*demo_overrides(algorithm, mode, quick), *extra])
