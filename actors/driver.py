@@ -76,9 +76,11 @@ class Driver:
     def _prompts(self) -> tuple[list[Prompt], list[Prompt], Any]:
         cfg = self.cfg
         if cfg.task.name == "file":
-            prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field)
-            cut = max(1, len(prompts) // 10)
-            return prompts[cut:], prompts[:cut], None
+            prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field, reference_field=cfg.task.reference_field)
+            # held-out by a hash of the prompt id: stable whatever the file order
+            held = [p for p in prompts if int(p.prompt_id[:8], 16) % 1000 < cfg.task.heldout_fraction * 1000]
+            train = [p for p in prompts if p not in held]
+            return train, held[: cfg.eval.prompts], None
         task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
         return (task.prompts("train", cfg.task.train_size, cfg.seed),
                 task.prompts("eval", min(cfg.task.eval_size, cfg.eval.prompts), cfg.seed), task)

@@ -103,7 +103,16 @@ class LearnerActor:
         model.train()
         self.spec = loss_spec(cfg)
         # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
-        self.reference = _frozen_copy(model) if self.spec.needs_reference else None
+        self.reference = None
+        if self.spec.needs_reference:
+            if cfg.model.reference:  # a separate reference checkpoint, when the config names one
+                from selfplay.models import load_causal_lm
+
+                reference = load_causal_lm(cfg.model.reference, cfg.model.dtype, cfg.model.trust_remote_code,
+                                           self.tokenizer, cfg.seed)
+                self.reference = _frozen_copy(reference)
+            else:
+                self.reference = _frozen_copy(model)
         self.ema = _frozen_copy(model) if cfg.algorithm == "sapo" else None
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, self.world_size, self.on_gpu))

@@ -34,6 +34,8 @@ class TaskConfig:
     name: str = "sort"  # a synthetic task from selfplay.tasks, or "file" for a prompt set
     path: str | None = None  # JSONL or Parquet prompt file, for name: file
     prompt_field: str = "prompt"
+    reference_field: str | None = None  # prompt files: a reference answer per prompt (SAPO's chosen)
+    heldout_fraction: float = 0.05  # prompt files: share of prompts kept out of training for evaluation
     train_size: int = 2000
     eval_size: int = 200
     min_items: int = 4
@@ -343,6 +345,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           f"unknown task (known: {', '.join(sorted(TASKS))}, file)")
     check(cfg.task.name != "file" or bool(cfg.task.path), "task.path", "is required when task.name is 'file'")
     check(cfg.task.train_size >= 1, "task.train_size", "must be >= 1")
+    check(0 < cfg.task.heldout_fraction < 1, "task.heldout_fraction", "must be in (0, 1)")
+    check(cfg.algorithm != "sapo" or cfg.task.name != "file" or bool(cfg.task.reference_field),
+          "task.reference_field", "is required for SAPO on a prompt file (the chosen responses)")
     check(cfg.task.eval_size >= 1, "task.eval_size", "must be >= 1")
     check(cfg.task.min_items >= 1, "task.min_items", "must be >= 1")
     check(cfg.task.max_items >= cfg.task.min_items, "task.max_items", "must be >= task.min_items")

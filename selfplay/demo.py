@@ -10,26 +10,27 @@ COMMON = [
     "out_dir=runs/demo",
     "generation.temperature=1.0",
     "generation.top_p=1.0",
-    "generation.prompts_per_request=16",
-    "train.lr=3e-4",
-    "train.batch_size=16",
-    "train.steps=120",
-    "replay.capacity=256",
+    "generation.prompts_per_request=32",
+    "train.lr=2e-4",
+    "train.batch_size=32",
+    "train.steps=300",
+    "replay.capacity=64",  # about two steps of rows: close to on-policy, as in the papers
     "eval.prompts=200",
-    "eval.every=40",
-    "logging.log_every=10",
+    "eval.every=100",
+    "logging.log_every=20",
     "resources.generator_cpus=0.5",
     "resources.learner_cpus=0.5",
     "resources.judge_cpus=0.25",
     "resources.replay_cpus=0.25",
 ]
 ALGORITHM = {
-    "sppo": ["sppo.k=4", "sppo.beta=0.1", "sppo.iterations=3"],
+    "sppo": ["sppo.k=8", "sppo.beta=0.1", "sppo.iterations=5"],
     "sapo": ["sapo.segment_len=6", "sapo.beta=0.1", "sapo.ema_alpha=0.5", "sapo.ema_every=2",
              "replay.sampling=least_sampled"],
     "srpo": ["srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
-QUICK = ["train.steps=12", "eval.prompts=40", "eval.every=0", "warmup.steps=30", "logging.log_every=4"]
+QUICK = ["train.steps=12", "train.batch_size=16", "generation.prompts_per_request=16", "sppo.k=4",
+         "eval.prompts=40", "eval.every=0", "warmup.steps=30", "logging.log_every=4"]
 
 
 def demo_overrides(algorithm: str = "sppo", mode: str = "sync", quick: bool = False) -> list[str]:

@@ -13,9 +13,11 @@ def write(tmp_path, text, name="c.yaml"):
     return p
 
 
-def test_defaults_are_valid_and_demo_config_equals_defaults():
+def test_defaults_are_valid_and_demo_yaml_is_the_embedded_demo():
+    from selfplay.demo import demo_config
+
     assert load_config() == Config()
-    assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == Config()
+    assert load_config(Path(__file__).parent.parent / "configs" / "demo.yaml") == demo_config("sppo", "sync")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
