@@ -10,7 +10,7 @@ setup:
 	scripts/bootstrap.sh
 
 demo: setup
-	$(VENV)/bin/selfplay warmup
+	$(VENV)/bin/selfplay demo
 
 test: setup
 	$(PY) -m pytest

@@ -139,12 +139,14 @@ class GeneratorActor:
         return [{"prompt_id": p.prompt_id, "prompt": p.text, "chain": c, "policy_version": self.policy_version}
                 for p, c in zip(prompts, chains)]
 
-    def sample_and_revise(self, prompts: list[Prompt | str], rounds: int | None = None,
+    def sample_and_revise(self, prompts: list[Prompt | str], k: int = 1, rounds: int | None = None,
                           seed: int | None = None) -> list[dict]:
-        """SRPO in one call: one sampled answer per prompt, then `rounds` self-revisions of it."""
-        first = self.sample(prompts, k=1, seed=seed)
-        return self.revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
-                           seed=None if seed is None else seed + 1)
+        """SRPO in one call: K sampled answers per prompt, then `rounds` self-revisions of the first one.
+        → [{prompt_id, prompt, samples: [text × K], chain: [first answer, revision 1, …], policy_version}]."""
+        first = self.sample(prompts, k=k, seed=seed)
+        revised = self.revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
+                              seed=None if seed is None else seed + 1)
+        return [{**rev, "samples": [s["text"] for s in r["samples"]]} for r, rev in zip(first, revised)]
 
     # -- weights -------------------------------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ class SAPOConfig:
 
 @dataclass
 class SRPOConfig:
+    k: int = 1  # answers sampled per prompt besides the revision (1: the pair is answer vs its revision)
     alpha: float = 0.5
     beta: float = 0.1
     revisions: int = 1
@@ -378,6 +379,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(0 <= cfg.srpo.alpha <= 1, "srpo.alpha", "must be in [0, 1]")
     check(cfg.srpo.beta > 0, "srpo.beta", "must be > 0")
     check(cfg.srpo.revisions >= 0, "srpo.revisions", "must be >= 0")
+    check(cfg.srpo.k >= 1, "srpo.k", "must be >= 1")
     for placeholder in ("{prompt}", "{response}"):
         check(placeholder in cfg.srpo.revision_template, "srpo.revision_template",
               f"must contain {placeholder}")

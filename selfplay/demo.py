@@ -25,9 +25,10 @@ COMMON = [
 ]
 ALGORITHM = {
     "sppo": ["sppo.k=8", "sppo.beta=0.1", "sppo.iterations=5"],
-    "sapo": ["sapo.segment_len=6", "sapo.beta=0.1", "sapo.ema_alpha=0.5", "sapo.ema_every=2",
+    # ORPO (the paper's alternative to DPO): DPO alone lowers both likelihoods on this tiny model
+    "sapo": ["sapo.loss=orpo", "sapo.segment_len=6", "sapo.ema_alpha=0.5", "sapo.ema_every=2",
              "replay.sampling=least_sampled"],
-    "srpo": ["srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
+    "srpo": ["srpo.k=4", "srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
 QUICK = ["train.steps=12", "train.batch_size=16", "generation.prompts_per_request=16", "sppo.k=4",
          "eval.prompts=40", "eval.every=0", "warmup.steps=30", "logging.log_every=4"]

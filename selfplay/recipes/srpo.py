@@ -1,5 +1,7 @@
-"""SRPO (arXiv 2406.01660): a response y from the policy, then a self-revision y' = π(· | x, y, "improve").
-The judge decides which of y, y' wins; the SRPO loss trains both the revision and the direct generation.
+"""SRPO (arXiv 2406.01660): K responses from the policy, then a self-revision y' = π(· | x, y₁, "improve") of the
+first. The judge ranks the K answers and the revision together; the best and the worst become the pair, and the
+SRPO loss trains both self-revision (y_w | y_l, …) and direct generation on it. With K = 1 the pair is simply
+(y, y'); a larger K gives pairs whose quality differs more, which the tiny demo model needs to learn from.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ class SRPORecipe:
 
     def __init__(self, cfg):
         self.rounds = max(1, cfg.srpo.revisions)
+        self.k = cfg.srpo.k
 
     def responses(self, results: list[dict]) -> int:
         """How many responses the generators sampled for these results."""
-        return len(results) * self.rounds + 1
+        return len(results) * (self.k + self.rounds)
 
     def request(self, generator, prompts, seed: int):
-        return generator.sample_and_revise.remote(prompts, rounds=self.rounds, seed=seed)
+        return generator.sample_and_revise.remote(prompts, k=self.k, rounds=self.rounds, seed=seed)
 
     def groups(self, results: list[dict]) -> list[dict]:
-        # candidates: the first answer and its last revision; the revision's "previous" is the first answer
+        # candidates: the K answers and the last revision of the first; the revision's "previous" is that answer
         return [
             {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-             "candidates": [r["chain"][0], r["chain"][-1]], "candidates_prev": [None, r["chain"][0]]}
+             "candidates": [*r["samples"], r["chain"][-1]],
+             "candidates_prev": [None] * len(r["samples"]) + [r["chain"][-2]]}
             for r in results
         ]
 
