@@ -255,7 +255,7 @@ class LearnerActor:
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="latest", save_latest=False)
         states = {w: self.full_state(w) for w in ("policy", "ema", "reference")
                   if (w == "policy" or getattr(self, w) is not None)}
-        torch.save(_rng_state(), out / f"rng_rank{self.rank}.pt")
+        _save_rng(out, self.rank)
         if self.rank == 0:
             from selfplay.models import save_pretrained
 
@@ -277,7 +277,7 @@ class LearnerActor:
             module = getattr(self, w)
             if module is not None:
                 module.load_state_dict(load_file(str(src / f"{w}.safetensors")), strict=False)
-        _set_rng_state(torch.load(src / f"rng_rank{self.rank}.pt", weights_only=False))
+        _load_rng(src, self.rank)
         state = json.loads((src / "trainer_state.json").read_text())
         self.step, self.version = state["step"], state["policy_version"]
         return state
@@ -297,17 +297,32 @@ def _with_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torc
     return clone
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def _save_rng(out: Path, rank: int) -> None:
+    """RNG state without pickle: torch generators as tensors (safetensors), Python/NumPy states as JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(out / f"rng_rank{rank}.safetensors"))
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    (out / f"rng_rank{rank}.json").write_text(json.dumps({
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": [version, list(state), gauss]}))
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _load_rng(src: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / f"rng_rank{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available() and "cuda0" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    state = json.loads((src / f"rng_rank{rank}.json").read_text())
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, inner, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
 
 
 def load_config_dict(data: dict) -> Config:
@@ -337,14 +352,37 @@ class LearnerGroup:
         options = {"num_cpus": cfg.resources.learner_cpus if num_cpus is None else num_cpus,
                    "num_gpus": cfg.resources.learner_gpus if num_gpus is None else num_gpus}
         policy = policy or cfg.model.policy
-        self.actors = [LearnerActor.options(**options).remote(cfg.to_dict(), r, self.world_size, policy)
-                       for r in range(self.world_size)]
+        self.placement = self._place(options)
+        self.actors = [
+            LearnerActor.options(**options, scheduling_strategy=self._bundle(r)).remote(cfg.to_dict(), r, self.world_size,
+                                                                                       policy)
+            for r in range(self.world_size)
+        ]
         addr, port = self._get([self.actors[0].address.remote()], "address")[0]
         self.info = self._get([a.setup.remote(addr, port) for a in self.actors], "setup")
 
     def train_step(self, rows: pa.Table) -> dict[str, float]:
         """Split rows evenly over the ranks (train.batch_size rows in all) and take one step."""
         return self.finish_step(self.train_step_async(rows))
+
+    def _place(self, options: dict[str, float]):
+        """One placement group for all ranks, packed onto as few nodes as possible (NCCL is fastest within a
+        node). It must be placeable within the timeout, or the error says what was asked for."""
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": options["num_cpus"], **({"GPU": options["num_gpus"]} if options["num_gpus"] else {})}
+        group = placement_group([bundle] * self.world_size, strategy="PACK")
+        ready, _ = ray.wait([group.ready()], timeout=self.timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(group)
+            raise TimeoutError(f"cannot place {self.world_size} learner(s) with {bundle} each within "
+                               f"{self.timeout_s:.0f}s; the cluster has {ray.cluster_resources()}")
+        return group
+
+    def _bundle(self, rank: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=rank)
 
     def train_step_async(self, rows: pa.Table) -> list:
         """Start a step and return at once (the refs); `finish_step` collects the metrics."""
@@ -384,6 +422,9 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self.placement is not None:
+            ray.util.remove_placement_group(self.placement)
+            self.placement = None
 
     def _get(self, refs: list, what: str) -> list:
         results = get_all(dict(enumerate(refs)), self.timeout_s, what, "learner rank")

@@ -104,3 +104,11 @@ def test_every_loss_trains(ray_cluster, algorithm, loss):
         assert last["loss"] < first["loss"]  # same batch repeated: the loss goes down
     finally:
         g.shutdown()
+
+
+def test_impossible_resources_fail_fast_with_a_clear_error(ray_cluster):
+    from actors.learner import LearnerGroup
+
+    cfg = load_config(None, ["resources.num_learners=2", "resources.learner_gpus=1", "train.batch_size=8"])
+    with pytest.raises(TimeoutError, match=r"cannot place 2 learner\(s\) with .*'GPU': 1.0"):
+        LearnerGroup(cfg, timeout_s=3)
