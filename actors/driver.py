@@ -70,6 +70,8 @@ class Driver:
         self.counters = Counters()
         self.evals: list[dict[str, Any]] = []
         self.intervals: dict[str, list[tuple[float, float]]] = {"generate": [], "train": []}
+        self._requests = 0  # generator requests issued: each gets its own sampling seed
+        self._logged_samples = 0  # samples_generated already counted in the Ray counter
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -161,7 +163,7 @@ class Driver:
 
     def _request(self, i: int) -> ray.ObjectRef:
         prompts = self.stream.take(self.cfg.generation.prompts_per_request)
-        self._requests = getattr(self, "_requests", 0) + 1
+        self._requests += 1
         return self.recipe.request(self.generators[i], prompts, seed=self.cfg.seed * 100_003 + self._requests)
 
     def _judge(self, results: list[dict], j: int) -> ray.ObjectRef:
@@ -202,7 +204,7 @@ class Driver:
         while self.counters.learner_steps < cfg.train.steps:
             if training is None and self.replay.stats()["size"] >= cfg.train.batch_size:
                 self._maybe_refresh_reference(self.counters.learner_steps)
-                rows = self.replay.sample(cfg.train.batch_size, current_version=self.sync_version())
+                rows = self.replay.sample(cfg.train.batch_size, current_version=self.learner_version())
                 if rows.num_rows == cfg.train.batch_size:
                     training = (self.learners.train_step_async(rows), time.perf_counter(), rows)
             waiting = list(generating) + list(judging) + (training[0] if training else [])
@@ -229,7 +231,7 @@ class Driver:
             self._store(ray.get(ref, timeout=600))
 
     def _train_batch(self) -> dict[str, Any]:
-        rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync_version())
+        rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.learner_version())
         if rows.num_rows < self.cfg.train.batch_size:
             raise RuntimeError(f"replay buffer returned {rows.num_rows} rows for a batch of {self.cfg.train.batch_size}:"
                                " generation produced too few judged pairs (all ties?)")
@@ -246,7 +248,7 @@ class Driver:
             c.weight_syncs += 1
         else:
             self.sync.poll()
-        learner_version = self.sync_version()
+        learner_version = self.learner_version()
         lag = self.sync.version_lag(learner_version)
         stats = self.replay.stats()
         elapsed = time.perf_counter() - self.t0
@@ -260,8 +262,7 @@ class Driver:
             "trained_version_lag": learner_version - sum(versions) / len(versions),
             "sync_latency": self.sync.latencies[-1] if self.sync.latencies else None,
         }
-        self.metrics.log(record, new_samples=c.samples_generated - getattr(self, "_logged_samples", 0),
-                         new_trained=rows.num_rows)
+        self.metrics.log(record, new_samples=c.samples_generated - self._logged_samples, new_trained=rows.num_rows)
         self._logged_samples = c.samples_generated
         if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
             self._evaluate()
@@ -271,7 +272,8 @@ class Driver:
                      f"{record['buffer_size']} | version {learner_version} (lag {record['weight_version_lag']:.1f}) | "
                      f"{elapsed:.0f}s")
 
-    def sync_version(self) -> int:
+    def learner_version(self) -> int:
+        """The newest weight version the learners have published."""
         return max([0] + [p.version for p in self.sync.pending] + list(self.sync.generator_versions.values()))
 
     def _maybe_refresh_reference(self, step: int) -> None:
@@ -314,7 +316,7 @@ class Driver:
     def _summary(self, wall: float) -> dict[str, Any]:
         c, final, stats = self.counters, self.evals[-1], self.replay.stats()
         return {
-            "algorithm": self.cfg.algorithm, "mode": self.cfg.mode, "policy_version": self.sync_version(),
+            "algorithm": self.cfg.algorithm, "mode": self.cfg.mode, "policy_version": self.learner_version(),
             "learner_steps": c.learner_steps, "samples_generated": c.samples_generated,
             "samples_trained": c.samples_trained, "samples_dropped_stale": stats["dropped_stale"],
             "weight_syncs": c.weight_syncs, "winrate_vs_initial": final["winrate_vs_initial"],
