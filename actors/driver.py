@@ -233,8 +233,12 @@ class Driver:
     def _train_batch(self) -> dict[str, Any]:
         rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.learner_version())
         if rows.num_rows < self.cfg.train.batch_size:
-            raise RuntimeError(f"replay buffer returned {rows.num_rows} rows for a batch of {self.cfg.train.batch_size}:"
-                               " generation produced too few judged pairs (all ties?)")
+            c = self.counters
+            raise RuntimeError(
+                f"only {rows.num_rows} preference pairs for a batch of {self.cfg.train.batch_size}: of "
+                f"{c.groups_judged} judged prompts, {c.skipped_ties} had candidates the judge could not tell apart. "
+                "The policy's samples are too alike (warm it up more, or raise generation.temperature / the K)."
+            )
         return {**self.learners.train_step(rows), "_rows": rows}
 
     def _after_step(self, metrics: dict[str, Any], rows=None) -> None:
