@@ -162,18 +162,6 @@ class LearnerActor:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
-    def eval_loss(self, rows: pa.Table) -> float:
-        """Loss of the current weights on rows, without a step (for tests and resume checks)."""
-        data = rows.to_pydict()
-        batches = encode_rows(self.tokenizer, data, self.spec)
-        p_w = torch.tensor(data["p_chosen"], dtype=torch.float32)
-        p_l = torch.tensor(data["p_rejected"], dtype=torch.float32)
-        with torch.no_grad():
-            loss_vec, _ = preference_loss(self.engine, self.reference, batches, self.spec, p_w, p_l)
-        total = torch.tensor([loss_vec.sum().item(), float(len(loss_vec))], dtype=torch.float64)
-        torch.distributed.all_reduce(total)
-        return (total[0] / total[1]).item()
-
     def refresh_reference(self) -> None:
         """Reference ← current policy (SPPO: the policy at the start of each iteration)."""
         if self.reference is None:
@@ -393,11 +381,6 @@ class LearnerGroup:
 
     def finish_step(self, refs: list) -> dict[str, float]:
         return self._get(refs, "train_step")[0]
-
-    def eval_loss(self, rows: pa.Table) -> float:
-        share = rows.num_rows // self.world_size
-        return self._get([a.eval_loss.remote(rows.slice(r * share, share)) for r, a in enumerate(self.actors)],
-                         "eval_loss")[0]
 
     def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
         """Gathered weights in the object store: {version, manifest, checksums, buckets, nbytes}."""

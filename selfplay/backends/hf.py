@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from selfplay.generation import Completion, generate_ids
-from selfplay.models import DTYPES, load_causal_lm
+from selfplay.models import load_causal_lm
 
 
 class HFBackend:
@@ -16,7 +16,6 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, tokenizer, seed)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-        self.dtype = DTYPES[dtype]
 
     def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list[Completion]]:
         return generate_ids(self.model, self.tokenizer, prompt_ids, **sampling)
