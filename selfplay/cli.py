@@ -2,6 +2,7 @@
 
   selfplay demo     self-play on the embedded tiny model and synthetic task on a local Ray cluster
   selfplay run      the same driver on any config (real models, prompt sets, cluster resources)
+  selfplay submit   submit a command as a Ray job (working dir + env in its runtime_env); `selfplay job` follows it
   selfplay warmup   build the policy (the embedded tiny model by default), run the supervised warm-up and
                     print its held-out task score before and after
   selfplay eval     win rate of policy A against policy B on held-out prompts, with any judge
@@ -46,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: out_dir from the config)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("submit", help="submit a command as a Ray job, e.g. selfplay submit -- selfplay run CONFIG")
+    p.add_argument("--address", help="Ray job server (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", default=".", help="uploaded with the job (.venv, runs/, .git excluded)")
+    p.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable); WANDB_*/HF_* pass through when set")
+    p.add_argument("--id", dest="submission_id", help="submission id (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit with its status")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- the job's command")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("job", help="status, logs or stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop", "wait"])
+    p.add_argument("submission_id")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_job)
+
     p = sub.add_parser("warmup", help="build the initial policy, warm it up, print its held-out task score")
     _add_config_args(p)
     p.add_argument("--out", help="directory for the warmed-up policy and warmup.json (default: <out_dir>/warmup)")
@@ -80,12 +98,16 @@ def _version() -> str:
 
 
 def _run_driver(cfg, out: str) -> int:
+    import os
+
     import ray
 
     from actors.driver import Driver
 
     started_here = not ray.is_initialized()
-    if started_here:  # a local cluster, or the one RAY_ADDRESS / `ray job submit` points at
+    if started_here and os.environ.get("RAY_ADDRESS"):  # inside a Ray job, or pointed at a running cluster
+        ray.init(namespace="selfplay", log_to_driver=False)
+    elif started_here:  # a local cluster for this run only
         ray.init(include_dashboard=False, log_to_driver=False, namespace="selfplay")
     try:
         Driver(cfg, out).run()
@@ -107,6 +129,43 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     return _run_driver(cfg, args.out or cfg.out_dir)
+
+
+def cmd_submit(args) -> int:
+    from deploy import submit as jobs
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    env = {}
+    for item in args.env:
+        if "=" not in item:
+            raise SystemExit(f"error: --env {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    sid = jobs.submit(command, address=args.address, working_dir=args.working_dir, pip=args.pip or None, env=env,
+                      submission_id=args.submission_id)
+    print(f"submitted {sid}; follow it with: selfplay job logs {sid}")
+    if not args.wait:
+        return 0
+    final = jobs.wait(sid, address=args.address, log=print)
+    print(jobs.logs(sid, args.address)[-4000:])
+    print(f"job {sid}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cmd_job(args) -> int:
+    from deploy import submit as jobs
+
+    if args.action == "status":
+        print(jobs.status(args.submission_id, args.address))
+    elif args.action == "logs":
+        print(jobs.logs(args.submission_id, args.address), end="")
+    elif args.action == "stop":
+        print("stopped" if jobs.stop(args.submission_id, args.address) else "not running")
+    else:
+        final = jobs.wait(args.submission_id, address=args.address, log=print)
+        print(final)
+        return 0 if final == "SUCCEEDED" else 1
+    return 0
 
 
 def cmd_config(args) -> int:
