@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.set_defaults(func=cmd_job)
 
+    p = sub.add_parser("plan", help="recommend a generator:learner layout from measured per-actor costs")
+    p.add_argument("--gpus", type=float, required=True, help="GPUs in the cluster")
+    p.add_argument("--gen-seconds", type=float, required=True, help="seconds for one generator request")
+    p.add_argument("--rows-per-request", type=float, required=True, help="replay rows one request yields")
+    p.add_argument("--train-seconds", type=float, required=True, help="seconds for one step on one learner")
+    p.add_argument("--batch", type=int, required=True, help="rows per learner step (train.batch_size)")
+    p.add_argument("--generator-gpus", type=float, default=1)
+    p.add_argument("--learner-gpus", type=float, default=1)
+    p.add_argument("--judges", type=int, default=1)
+    p.add_argument("--judge-gpus", type=float, default=1)
+    p.add_argument("--learner-efficiency", type=float, default=0.9, help="data-parallel efficiency per extra learner")
+    p.add_argument("--sync-seconds", type=float, default=0.0, help="learner time per weight push")
+    p.add_argument("--sync-every", type=int, default=1)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("warmup", help="build the initial policy, warm it up, print its held-out task score")
     _add_config_args(p)
     p.add_argument("--out", help="directory for the warmed-up policy and warmup.json (default: <out_dir>/warmup)")
@@ -165,6 +180,24 @@ def cmd_job(args) -> int:
         final = jobs.wait(args.submission_id, address=args.address, log=print)
         print(final)
         return 0 if final == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from selfplay.plan import Costs, describe, plan
+
+    for name in ("gpus", "gen_seconds", "rows_per_request", "train_seconds", "batch", "sync_every"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
+    costs = Costs(args.gen_seconds, args.rows_per_request, args.train_seconds, args.batch,
+                  args.learner_efficiency, args.sync_seconds, args.sync_every)
+    layouts = plan(costs, args.gpus, args.generator_gpus, args.learner_gpus, args.judge_gpus, args.judges)
+    if not layouts:
+        raise SystemExit(f"error: {args.gpus:g} GPUs cannot hold a generator, a learner and {args.judges} judge(s)")
+    best = layouts[0]
+    print(describe(layouts))
+    print(f"\nrecommended: resources.num_generators={best.generators} resources.num_learners={best.learners} "
+          f"({best.rows_trained_per_s:.2f} rows/s, learner idle {best.learner_idle:.0%}; simulated, see selfplay/plan.py)")
     return 0
 
 

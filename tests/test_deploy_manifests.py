@@ -57,3 +57,14 @@ def test_slurm_launcher_and_dockerfile_reference_real_commands():
     assert docker.startswith("#") and "FROM rayproject/ray:" in docker
     for path in re.findall(r"^COPY (\S+) ", docker, flags=re.M):
         assert (ROOT / path).exists(), path
+
+
+def test_grafana_dashboard_queries_the_metrics_the_driver_exports():
+    import json
+
+    board = json.loads((ROOT / "deploy/grafana/selfplay-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    metrics_py = (ROOT / "actors/metrics.py").read_text()
+    for name in re.findall(r"ray_(selfplay_[a-z_]+?)(?:_total)?\b", exprs):
+        assert f'"{name}"' in metrics_py, name  # every panel reads a metric RunMetrics defines
+    assert len(board["panels"]) == 6
