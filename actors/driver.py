@@ -13,6 +13,7 @@ async — generators never wait: each always has a request in flight; judged row
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
@@ -145,6 +146,7 @@ class Driver:
                 self.sync.wait()
             (self._run_sync if cfg.mode == "sync" else self._run_async)()
             self.sync.wait()
+            self.utilization = self._utilization(time.perf_counter() - self.t0)
             final = self.learners.save_checkpoint(self.out / "checkpoints" / f"step_{self.counters.learner_steps}")
             self.replay.snapshot(Path(final) / "replay")
             self._evaluate(final_dir=Path(final) / "model")
@@ -200,17 +202,23 @@ class Driver:
         generating = {self._request(i): i for i in range(len(self.generators))}
         started = {ref: time.perf_counter() for ref in generating}
         judging: dict[ray.ObjectRef, int] = {}
-        training = None
+        # up to two learner steps queued: the next one starts the moment the last ends, with no driver round trip
+        # in between (a weight publish asked for meanwhile runs between them, in the order it was asked)
+        training: collections.deque = collections.deque()
+        submitted = self.counters.learner_steps
         while self.counters.learner_steps < cfg.train.steps:
-            if training is None and self.replay.stats()["size"] >= cfg.train.batch_size:
-                self._maybe_refresh_reference(self.counters.learner_steps)
+            while (len(training) < 2 and submitted < cfg.train.steps
+                   and self.replay.stats()["size"] >= cfg.train.batch_size):
+                self._maybe_refresh_reference(submitted)
                 rows = self.replay.sample(cfg.train.batch_size, current_version=self.learner_version())
-                if rows.num_rows == cfg.train.batch_size:
-                    training = (self.learners.train_step_async(rows), time.perf_counter(), rows)
-            waiting = list(generating) + list(judging) + (training[0] if training else [])
+                if rows.num_rows < cfg.train.batch_size:
+                    break
+                training.append((self.learners.train_step_async(rows), time.perf_counter(), rows))
+                submitted += 1
+            waiting = [*generating, *judging, *(training[0][0] if training else []), *self.sync.waitables()]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=600)
             if not ready:
-                raise TimeoutError("no generator, judge or learner finished within 600s")
+                raise TimeoutError("no generator, judge, learner or weight publish finished within 600s")
             ref = ready[0]
             if ref in generating:  # a generator is done: judge its batch and give it the next one at once
                 i = generating.pop(ref)
@@ -221,12 +229,13 @@ class Driver:
             elif ref in judging:
                 judging.pop(ref)
                 self._store(ray.get(ref))
-            elif training and ref in training[0]:
-                refs, t, rows = training
+            elif training and ref in training[0][0]:
+                refs, t, rows = training.popleft()
                 metrics = self.learners.finish_step(refs)
                 self.intervals["train"].append((t, time.perf_counter()))
-                training = None
                 self._after_step(metrics, rows)
+            else:  # a weight publish returned: send the generators their loads
+                self.sync.poll()
         for ref in list(judging):  # rows already generated are stored, not dropped
             self._store(ray.get(ref, timeout=600))
 
@@ -277,8 +286,8 @@ class Driver:
                      f"{elapsed:.0f}s")
 
     def learner_version(self) -> int:
-        """The newest weight version the learners have published."""
-        return max([0] + [p.version for p in self.sync.pending] + list(self.sync.generator_versions.values()))
+        """The newest weight version asked of the learners (generators serve it once its push completes)."""
+        return self.sync.latest_version
 
     def _maybe_refresh_reference(self, step: int) -> None:
         if self.recipe.refresh_reference(step, self.cfg.train.steps):
@@ -317,6 +326,21 @@ class Driver:
                                                  f"{record['initial_task_score']:.3f})" if self.task else ""))
         return record
 
+    def _utilization(self, loop_seconds: float) -> dict[str, float]:
+        """Throughput and idle fractions of the training loop (set-up, final checkpoint and eval excluded). Busy
+        time is measured inside the actors: generating or loading weights; training, publishing weights."""
+        generators = get_all({i: g.stats.remote() for i, g in enumerate(self.generators)}, 60, "stats", "generator")
+        learners = self.learners.stats()
+        busy_g = [s["busy_seconds"] for s in generators.values()]
+        busy_l = [s["busy_seconds"] for s in learners]
+        return {
+            "loop_seconds": round(loop_seconds, 3),
+            "samples_trained_per_s": self.counters.samples_trained / loop_seconds,
+            "samples_generated_per_s": self.counters.samples_generated / loop_seconds,
+            "generator_idle_fraction": 1 - sum(busy_g) / (len(busy_g) * loop_seconds),
+            "learner_idle_fraction": 1 - sum(busy_l) / (len(busy_l) * loop_seconds),
+        }
+
     def _summary(self, wall: float) -> dict[str, Any]:
         c, final, stats = self.counters, self.evals[-1], self.replay.stats()
         return {
@@ -328,6 +352,7 @@ class Driver:
             "initial_task_score": final["initial_task_score"], "eval_prompts": final["n"],
             "wall_seconds": round(wall, 2), "actor_restarts": 0, "rows_added": c.rows_added,
             "skipped_ties": c.skipped_ties, "generate_train_overlap_seconds": round(self.overlap(), 3),
+            "rows_evicted": stats["evicted"], "rows_retired": stats["retired"], **self.utilization,
             "evals": self.evals,
         }
 

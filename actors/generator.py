@@ -50,7 +50,8 @@ class GeneratorActor:
         )
         self.policy_version = 0
         self._calls = 0
-        self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0}
+        # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
+        self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0}
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -65,6 +66,13 @@ class GeneratorActor:
             "seed": seed if seed is not None else self.cfg.seed + 1_000_003 * self.index + self._calls,
         }
 
+    def _generate(self, ids: list[list[int]], **kw):
+        start = time.perf_counter()
+        try:
+            return self.backend.generate(ids, **kw)
+        finally:
+            self.counters["busy_seconds"] += time.perf_counter() - start
+
     def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         return [self.tokenizer(chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
@@ -74,7 +82,7 @@ class GeneratorActor:
         prompts = _as_prompts(prompts)
         sampling = self._sampling(temperature, top_p, max_new_tokens, seed)
         start = time.perf_counter()
-        outs = self.backend.generate(self._prompt_ids(prompts), num_samples=k, **sampling)
+        outs = self._generate(self._prompt_ids(prompts), num_samples=k, **sampling)
         elapsed = time.perf_counter() - start
         results = []
         for p, samples in zip(prompts, outs):
@@ -111,7 +119,7 @@ class GeneratorActor:
             if g == 0:
                 outs = [[None] for _ in idx]
             else:
-                outs = self.backend.generate([contexts[i] for i in idx], num_samples=1,
+                outs = self._generate([contexts[i] for i in idx], num_samples=1,
                                              **{**sampling, "max_new_tokens": g})
             for i, out in zip(idx, outs):
                 segment = torch.tensor(out[0].token_ids if out[0] is not None else [], dtype=torch.long)
@@ -132,7 +140,7 @@ class GeneratorActor:
 
         def answer(texts: list[str]) -> list[str]:
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            return [o[0].text for o in self.backend.generate(ids, num_samples=1, **sampling)]
+            return [o[0].text for o in self._generate(ids, num_samples=1, **sampling)]
 
         chains = revise(answer, self.tokenizer, [p.text for p in prompts], list(responses),
                         self.cfg.srpo.revision_template, rounds)
@@ -167,6 +175,7 @@ class GeneratorActor:
         tensor changes; a refused update raises WeightSyncError and the current version keeps serving."""
         if version <= self.policy_version:
             raise WeightSyncError(f"generator {self.index}: version {version} is not newer than {self.policy_version}")
+        start = time.perf_counter()
         tensors = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
         try:
             state = unpack_buckets(tensors, manifest, checksums, expected=self.backend.param_specs())
@@ -177,6 +186,7 @@ class GeneratorActor:
         self.backend.load_weights(state)
         self.policy_version = version
         self.counters["weight_loads"] += 1
+        self.counters["busy_seconds"] += time.perf_counter() - start
         return version
 
     def version(self) -> int:

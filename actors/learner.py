@@ -75,6 +75,7 @@ class LearnerActor:
         self.rank, self.world_size, self.policy_path = rank, world_size, policy
         self.on_gpu = torch.cuda.is_available()
         self.engine = None
+        self.busy_seconds = 0.0  # training, publishing weights, refreshing the reference: the rest is idle
 
     def address(self) -> tuple[str, int]:
         """Rendezvous address for the process group (asked of rank 0 only)."""
@@ -152,8 +153,16 @@ class LearnerActor:
             "pairs": local[3].item(),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step": self.step,
-            "step_seconds": time.perf_counter() - start,
+            "step_seconds": self._busy_since(start),
         }
+
+    def _busy_since(self, start: float) -> float:
+        seconds = time.perf_counter() - start
+        self.busy_seconds += seconds
+        return seconds
+
+    def stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds}
 
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO, DeepSpeed does not report the norm: gradients are full (and all-reduced) here."""
@@ -166,8 +175,9 @@ class LearnerActor:
         """Reference ← current policy (SPPO: the policy at the start of each iteration)."""
         if self.reference is None:
             return
-        state = self.full_state()
-        self.reference.load_state_dict(state, strict=False)
+        start = time.perf_counter()
+        self.reference.load_state_dict(self.full_state(), strict=False)
+        self._busy_since(start)
 
     def _update_ema(self) -> None:
         with self._gathered():
@@ -194,18 +204,21 @@ class LearnerActor:
     def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
         """Gather full weights and put them in the object store as buckets. Collective under ZeRO-3: every rank
         calls it; rank 0 returns {version, manifest, checksums, buckets: [ObjectRef]}, the others None."""
+        start = time.perf_counter()
         state = self.full_state(which)
         if self.rank != 0:
             return None
         self.version += 1
         packed = pack_buckets(state, bucket_bytes)
-        return {
+        published = {
             "version": self.version,
             "manifest": packed.manifest,
             "checksums": packed.checksums,
             "buckets": [ray.put(b) for b in packed.buckets],
             "nbytes": packed.nbytes,
         }
+        self._busy_since(start)
+        return published
 
     def open_channel(self, host: str, port: int, rank: int, size: int, backend: str, timeout_s: float) -> bool:
         """Join the weight broadcast group as its sender (rank 0 only)."""
@@ -217,12 +230,14 @@ class LearnerActor:
     def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
         """Like `publish`, but rank 0 broadcasts the buckets to the generators in a background thread and
         returns at once; the next train_step runs while generators receive."""
+        start = time.perf_counter()
         state = self.full_state(which)
         if self.rank != 0:
             return None
         self.version += 1
         packed = pack_buckets(state, bucket_bytes)
         self.sender.start(self.version, packed)
+        self._busy_since(start)
         return {"version": self.version, "nbytes": packed.nbytes, "buckets": len(packed.buckets)}
 
     def wait_broadcast(self, timeout_s: float | None = None) -> bool:
@@ -384,10 +399,14 @@ class LearnerGroup:
 
     def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
         """Gathered weights in the object store: {version, manifest, checksums, buckets, nbytes}."""
-        return self._get([a.publish.remote(which, bucket_bytes) for a in self.actors], "publish")[0]
+        return self._get(self.call_async("publish", which, bucket_bytes), "publish")[0]
 
-    def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any]:
-        return self._get([a.publish_broadcast.remote(which, bucket_bytes) for a in self.actors], "publish_broadcast")[0]
+    def call_async(self, method: str, *args) -> list[ray.ObjectRef]:
+        """Call `method` on every rank (collectives need them all) and return the refs at once, rank 0's first."""
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self._get([a.stats.remote() for a in self.actors], "stats")
 
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
         return self._get([a.full_state.remote(which) for a in self.actors], "full_state")[0]

@@ -24,9 +24,9 @@ MANIFEST = "manifest.json"
 class ReplayShardActor:
     """One FIFO shard. Ray runs its methods one at a time, so the shard needs no locking."""
 
-    def __init__(self, capacity: int, seed: int = 0, index: int = 0):
+    def __init__(self, capacity: int, seed: int = 0, index: int = 0, max_reuse: int | None = None):
         self.index = index
-        self.shard = ReplayShard(capacity, seed)
+        self.shard = ReplayShard(capacity, seed, max_reuse)
 
     def add(self, rows: pa.Table) -> int:
         return self.shard.add(rows)
@@ -51,8 +51,7 @@ class ReplayShardActor:
         return str(self.shard.snapshot(path))
 
     def restore(self, path: str) -> dict[str, int]:
-        capacity = self.shard.capacity
-        self.shard = ReplayShard.restore(path, capacity=capacity)
+        self.shard = ReplayShard.restore(path, capacity=self.shard.capacity, max_reuse=self.shard.max_reuse)
         return self.stats()
 
     def load_rows(self, rows: pa.Table, counters: dict[str, int]) -> dict[str, int]:
@@ -75,6 +74,7 @@ class ReplayBuffer:
         sampling: str = "uniform",
         replace: bool = False,
         max_staleness: int | None = None,
+        max_reuse: int | None = None,
         seed: int = 0,
         num_cpus: float = 0.5,
         timeout_s: float = 120.0,
@@ -91,7 +91,7 @@ class ReplayBuffer:
         self._rng = np.random.default_rng(seed)
         per_shard = [capacity // num_shards + (i < capacity % num_shards) for i in range(num_shards)]
         self.shards = [
-            ReplayShardActor.options(num_cpus=num_cpus, name=None).remote(per_shard[i], seed + i, i)
+            ReplayShardActor.options(num_cpus=num_cpus, name=None).remote(per_shard[i], seed + i, i, max_reuse)
             for i in range(num_shards)
         ]
 
@@ -104,6 +104,7 @@ class ReplayBuffer:
             sampling=cfg.replay.sampling,
             replace=cfg.replay.replace,
             max_staleness=cfg.replay.max_staleness,
+            max_reuse=cfg.replay.max_reuse,
             seed=cfg.seed,
             num_cpus=cfg.resources.replay_cpus,
             **kwargs,
@@ -160,9 +161,10 @@ class ReplayBuffer:
         return [stats[i] for i in range(self.num_shards)]
 
     def stats(self) -> dict[str, int]:
-        """Totals over shards: size, capacity, added, evicted, dropped_stale, sampled (+ shards)."""
+        """Totals over shards: size, capacity, added, evicted, dropped_stale, sampled, retired (+ shards)."""
         per = self.shard_stats()
-        total = {k: sum(s[k] for s in per) for k in ("size", "capacity", "added", "evicted", "dropped_stale", "sampled")}
+        total = {k: sum(s[k] for s in per) for k in ("size", "capacity", "added", "evicted", "dropped_stale", "sampled",
+                                                       "retired")}
         return {**total, "shards": self.num_shards}
 
     def __len__(self) -> int:
@@ -215,12 +217,13 @@ class ReplayBuffer:
         order = np.argsort(table.column("created_at").to_numpy(), kind="stable")
         table = table.take(pa.array(order))
         owner = shard_of(table.column("prompt_id").to_pylist(), self.num_shards)
-        totals = {k: sum(getattr(s.counters, k) for s in old) for k in ("added", "evicted", "dropped_stale", "sampled")}
+        totals = {k: sum(getattr(s.counters, k) for s in old)
+                  for k in ("added", "evicted", "dropped_stale", "sampled", "retired")}
         calls = {}
         for i in range(self.num_shards):
             part = table.take(pa.array(np.flatnonzero(owner == i)))
             # shard 0 carries the history (rows evicted, dropped and sampled before the snapshot) so totals match
-            counters = {"added": part.num_rows, "evicted": 0, "dropped_stale": 0, "sampled": 0}
+            counters = {"added": part.num_rows, "evicted": 0, "dropped_stale": 0, "sampled": 0, "retired": 0}
             if i == 0:
                 counters = {k: v - (table.num_rows - part.num_rows if k == "added" else 0) for k, v in totals.items()}
             calls[i] = self.shards[i].load_rows.remote(part, counters)

@@ -100,12 +100,17 @@ class BroadcastSender:
 class Push:
     version: int
     started: float
-    acks: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    publishing: list | None = None  # the learners' publish calls, until rank 0's has returned
+    acks: dict[int, ray.ObjectRef] = field(default_factory=dict)  # generator i → its load call
     nbytes: int = 0
 
 
 class WeightSync:
-    """Driver-side: push the learners' weights to generators by object store or broadcast, sync or async."""
+    """Driver-side: push the learners' weights to generators by object store or broadcast, sync or async.
+
+    A push never blocks the driver in async mode: the publish call is queued on the learners (behind any step
+    already queued there) and the generators' loads are sent by `poll`/`wait` once it has returned.
+    """
 
     def __init__(self, learners, generators: list, *, transport: str = "object_store", mode: str = "async",
                  bucket_bytes: int = 64 << 20, timeout_s: float = 300.0, which: str = "policy"):
@@ -118,7 +123,9 @@ class WeightSync:
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.pending: list[Push] = []
         self.latencies: list[float] = []  # publish → last generator acknowledged, seconds
-        self.generator_versions = {i: 0 for i in range(len(self.generators))}
+        # the newest version asked of the learners (rank 0 counts the same way; a resumed learner starts above 0)
+        self.latest_version = get_all({0: learners.actors[0].get_version.remote()}, timeout_s, "version", "learner")[0]
+        self.generator_versions = {i: 0 for i in range(len(self.generators))}  # fresh generators: initial weights
         if transport == "collective":
             self._open_channel()
 
@@ -134,37 +141,57 @@ class WeightSync:
 
     def push(self) -> Push:
         """Publish the current weights as a new version; in sync mode, return once every generator serves it."""
-        started = time.perf_counter()
-        if self.transport == "object_store":
-            pub = self.learners.publish(self.which, self.bucket_bytes)
-            acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
-                    for i, g in enumerate(self.generators)}
-        else:
-            pub = self.learners.publish_broadcast(self.which, self.bucket_bytes)
-            acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
-        push = Push(pub["version"], started, acks, pub["nbytes"])
+        self.latest_version += 1
+        method = "publish" if self.transport == "object_store" else "publish_broadcast"
+        push = Push(self.latest_version, time.perf_counter(),
+                    publishing=self.learners.call_async(method, self.which, self.bucket_bytes))
         self.pending.append(push)
         if self.mode == "sync":
             self.wait()
         return push
 
+    def waitables(self) -> list[ray.ObjectRef]:
+        """Publish calls still running: a driver waiting on its actors also wakes for these (then `poll`)."""
+        return [r for p in self.pending if p.publishing for r in p.publishing]
+
+    def _dispatch(self, push: Push, timeout_s: float) -> None:
+        """Rank 0 has published: send every generator its load (or receive) call."""
+        pub = get_all(dict(enumerate(push.publishing)), timeout_s, f"publish v{push.version}", "learner rank")[0]
+        if pub["version"] != push.version:
+            raise WeightSyncError(f"learner rank 0 published version {pub['version']}, expected {push.version}")
+        if self.transport == "object_store":
+            push.acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
+                         for i, g in enumerate(self.generators)}
+        else:
+            push.acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
+        push.publishing, push.nbytes = None, pub["nbytes"]
+
     def poll(self) -> list[int]:
-        """Versions whose every generator has acknowledged since the last call (non-blocking)."""
+        """Dispatch finished publishes; versions whose every generator has acknowledged since the last call
+        (non-blocking)."""
         done = []
         for push in list(self.pending):
-            ready, _ = ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=0)
-            if len(ready) == len(push.acks):
-                self._finish(push)
-                done.append(push.version)
-            elif time.perf_counter() - push.started > self.timeout_s:
-                late = [i for i, r in push.acks.items() if r not in ready]
-                raise TimeoutError(f"weight version {push.version}: generator(s) {late} did not acknowledge "
-                                   f"within {self.timeout_s:.0f}s")
+            if push.publishing:
+                ready, _ = ray.wait(push.publishing, num_returns=len(push.publishing), timeout=0)
+                if len(ready) == len(push.publishing):
+                    self._dispatch(push, self.timeout_s)
+            if not push.publishing:
+                ready, _ = ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=0)
+                if len(ready) == len(push.acks):
+                    self._finish(push)
+                    done.append(push.version)
+                    continue
+            if time.perf_counter() - push.started > self.timeout_s:
+                who = "the learners did not publish it" if push.publishing else (
+                    f"generator(s) {[i for i, r in push.acks.items() if r not in ready]} did not acknowledge")
+                raise TimeoutError(f"weight version {push.version}: {who} within {self.timeout_s:.0f}s")
         return done
 
     def wait(self) -> None:
-        """Block until every pending version is acknowledged (or raise, naming the generator)."""
+        """Block until every pending version is acknowledged (or raise, naming the learner or generator)."""
         for push in list(self.pending):
+            if push.publishing:
+                self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
             remaining = max(0.0, self.timeout_s - (time.perf_counter() - push.started))
             get_all(push.acks, remaining, f"load weights v{push.version}", "generator")
             self._finish(push)

@@ -113,15 +113,18 @@ class ShardCounters:
     evicted: int = 0  # rows pushed out by FIFO capacity
     dropped_stale: int = 0  # rows removed because their policy_version was too old
     sampled: int = 0  # rows handed out by sample()
+    retired: int = 0  # rows removed after being sampled max_reuse times
 
 
 class ReplayShard:
     """One FIFO window of replay rows. Not thread-safe: a Ray actor serializes calls to it."""
 
-    def __init__(self, capacity: int, seed: int = 0):
+    def __init__(self, capacity: int, seed: int = 0, max_reuse: int | None = None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        if max_reuse is not None and max_reuse < 1:
+            raise ValueError(f"max_reuse must be >= 1 (or None: no limit), got {max_reuse}")
+        self.capacity, self.max_reuse = capacity, max_reuse
         self.counters = ShardCounters()
         self._table = SCHEMA.empty_table()
         self._times = np.zeros(0, dtype=np.int32)
@@ -189,8 +192,14 @@ class ReplayShard:
         np.add.at(self._times, idx, 1)
         self.counters.sampled += len(idx)
         out = self._take(idx)
-        return out.set_column(SCHEMA.get_field_index("times_sampled"), SCHEMA.field("times_sampled"),
-                              pa.array(self._times[idx]))
+        out = out.set_column(SCHEMA.get_field_index("times_sampled"), SCHEMA.field("times_sampled"),
+                             pa.array(self._times[idx]))
+        if self.max_reuse is not None:  # used up: leave the buffer, so later samples only see fresh rows
+            spent = self._times >= self.max_reuse
+            if spent.any():
+                self._keep(np.flatnonzero(~spent))
+                self.counters.retired += int(spent.sum())
+        return out
 
     def rows(self) -> pa.Table:
         """All rows in FIFO order (oldest first) with current sampling counts."""
@@ -219,11 +228,12 @@ class ReplayShard:
         return path
 
     @classmethod
-    def restore(cls, path: str | Path, seed: int = 0, capacity: int | None = None) -> ReplayShard:
+    def restore(cls, path: str | Path, seed: int = 0, capacity: int | None = None,
+                max_reuse: int | None = None) -> ReplayShard:
         """A shard with exactly the rows and counters of a snapshot (capacity may be overridden)."""
         table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-        shard = cls(capacity or meta.get("capacity") or max(table.num_rows, 1), seed)
+        shard = cls(capacity or meta.get("capacity") or max(table.num_rows, 1), seed, max_reuse)
         shard.load_rows(table.replace_schema_metadata(None))
         shard.set_history(ShardCounters(**meta.get("counters", {})))
         return shard

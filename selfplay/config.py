@@ -122,6 +122,7 @@ class ReplayConfig:
     sampling: Literal["uniform", "fifo_recent", "least_sampled"] = "uniform"
     replace: bool = False
     max_staleness: int | None = None  # versions; None keeps every row
+    max_reuse: int | None = None  # a row leaves the buffer once sampled this many times; None: no limit
 
 
 @dataclass
@@ -400,6 +401,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           f"must be >= resources.replay_shards ({cfg.resources.replay_shards})")
     check(cfg.replay.max_staleness is None or cfg.replay.max_staleness >= 0, "replay.max_staleness",
           "must be >= 0 or null")
+    check(cfg.replay.max_reuse is None or cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
     check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")

@@ -67,7 +67,8 @@ def test_fifo_eviction_keeps_newest_in_order():
     for start in range(0, 12, 3):
         shard.add(make_rows(3, start))
     assert ids(shard.rows()) == ["p7", "p8", "p9", "p10", "p11"]
-    assert shard.stats() == {"size": 5, "capacity": 5, "added": 12, "evicted": 7, "dropped_stale": 0, "sampled": 0}
+    assert shard.stats() == {"size": 5, "capacity": 5, "added": 12, "evicted": 7, "dropped_stale": 0, "sampled": 0,
+                              "retired": 0}
 
 
 def test_fifo_recent_returns_newest_rows():
@@ -93,6 +94,16 @@ def test_without_replacement_returns_distinct_rows():
     got = ids(shard.sample(8, "uniform"))
     assert len(got) == len(set(got)) == 8
     assert len(shard.sample(50, "uniform")) == 10  # never more rows than exist
+
+
+def test_max_reuse_retires_rows_so_each_is_trained_on_at_most_that_often():
+    shard = ReplayShard(capacity=100, seed=0, max_reuse=2)
+    shard.add(make_rows(10))
+    seen = ids(shard.sample(6)) + ids(shard.sample(6)) + ids(shard.sample(6)) + ids(shard.sample(6))
+    assert max(seen.count(i) for i in set(seen)) <= 2 and len(seen) == 20  # the last call gets the 2 left
+    assert len(shard) == 0 and shard.stats()["retired"] == 10 and shard.stats()["sampled"] == 20
+    with pytest.raises(ValueError, match="max_reuse must be >= 1"):
+        ReplayShard(capacity=10, max_reuse=0)
 
 
 def test_least_sampled_weights_follow_inverse_counts():
