@@ -28,7 +28,7 @@ from actors.generator import GeneratorActor
 from actors.judge import JudgeActor
 from actors.learner import LearnerGroup
 from actors.metrics import RunMetrics, plot
-from actors.remote import get_all
+from actors.remote import ActorDiedError, get_all, wait_restarted
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config
@@ -43,6 +43,15 @@ class PromptStream:
         if not prompts:
             raise ValueError("no training prompts")
         self.prompts, self.rng, self.order = prompts, random.Random(seed), []
+
+    def state(self) -> dict[str, Any]:
+        version, inner, gauss = self.rng.getstate()
+        return {"order": list(self.order), "rng": [version, list(inner), gauss]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        version, inner, gauss = state["rng"]
+        self.rng.setstate((version, tuple(inner), gauss))
+        self.order = list(state["order"])
 
     def take(self, n: int) -> list[Prompt]:
         out = []
@@ -63,6 +72,29 @@ class Counters:
     samples_trained: int = 0
     learner_steps: int = 0
     weight_syncs: int = 0
+    requests_reissued: int = 0  # generator requests or judge calls sent again after their actor died
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died: the step cannot finish. The run resumes from its last checkpoint."""
+
+
+@dataclasses.dataclass
+class Request:
+    """A generator request, kept until its rows are stored, so that it can be sent again."""
+    generator: int
+    prompts: list[Prompt]
+    seed: int
+
+
+def _prompt(d: dict[str, Any]) -> Prompt:
+    return Prompt(**{**d, "messages": tuple(d["messages"]) if d.get("messages") else None})
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one with driver_state.json) of a run, or None."""
+    done = [d for d in Path(out_dir, "checkpoints").glob("step_*") if (d / "driver_state.json").exists()]
+    return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
 
 
 class Driver:
@@ -73,6 +105,11 @@ class Driver:
         self.intervals: dict[str, list[tuple[float, float]]] = {"generate": [], "train": []}
         self._requests = 0  # generator requests issued: each gets its own sampling seed
         self._logged_samples = 0  # samples_generated already counted in the Ray counter
+        self.restarts = {"generator": 0, "judge": 0, "replay_shard": 0}  # actors Ray restarted, recovered here
+        self.resumes: list[int] = []  # steps this run resumed from
+        self._resume_state: dict[str, Any] | None = None
+        self._restarts_before: dict[str, int] = {}  # restarts before the last resume
+        self.backlog: list[Request] = []  # requests to send before new ones (in flight at a resumed checkpoint)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -108,88 +145,202 @@ class Driver:
     def _build(self, policy: str) -> None:
         cfg, r = self.cfg, self.cfg.resources
         cfg_dict = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=policy)).to_dict()
+        # generators, judges and replay shards are restarted by Ray when they die and recovered by the driver;
+        # learners are not (a step needs every rank): a learner failure resumes the run from a checkpoint
         self.generators = [
-            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus).remote(cfg_dict, policy, i)
-            for i in range(r.num_generators)
+            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus, max_restarts=r.max_restarts)
+            .remote(cfg_dict, policy, i) for i in range(r.num_generators)
         ]
         self.judges = [
-            JudgeActor.options(num_cpus=r.judge_cpus, num_gpus=r.judge_gpus).remote(cfg.judge, cfg.task, cfg.algorithm)
-            for _ in range(r.num_judges)
+            JudgeActor.options(num_cpus=r.judge_cpus, num_gpus=r.judge_gpus, max_restarts=r.max_restarts)
+            .remote(cfg.judge, cfg.task, cfg.algorithm) for _ in range(r.num_judges)
         ]
         self.replay = ReplayBuffer.from_config(cfg)
         self.learners = LearnerGroup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=policy)))
+        self.pids = {"generator": self._pids(self.generators, "generator"), "judge": self._pids(self.judges, "judge")}
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
         self.sync = WeightSync(self.learners, self.generators, mode=cfg.mode, which=self.recipe.weights,
                                timeout_s=600)
-        get_all({i: g.version.remote() for i, g in enumerate(self.generators)}, 600, "start", "generator")
+        self.sync.on_generator_died = self._generator_died
+
+    @staticmethod
+    def _pids(actors: list, role: str) -> dict[int, int]:
+        return {i: s["pid"] for i, s in get_all({i: a.stats.remote() for i, a in enumerate(actors)}, 600, "start",
+                                                 role).items()}
+
+    # -- recovery of restarted actors -----------------------------------------------------------------------------
+
+    def _restarted(self, role: str, i: int) -> None:
+        """Actor i of `role` died and Ray restarts it: wait for it, count the restart once (by its new pid)."""
+        actors = self.generators if role == "generator" else self.judges
+        try:
+            pid = wait_restarted(actors[i], 600, role, i)["pid"]
+        except ActorDiedError as e:
+            raise RuntimeError(f"{role} {i} died and was not restarted (resources.max_restarts="
+                               f"{self.cfg.resources.max_restarts} reached): {e}") from e
+        if pid != self.pids[role][i]:
+            self.pids[role][i] = pid
+            self.restarts[role] += 1
+            self.log(f"[selfplay] {role} {i} was restarted (pid {pid}); any work it lost is sent again")
+
+    def _generator_died(self, i: int) -> None:
+        self._restarted("generator", i)
+        self.sync.restore_generator(i)  # the newest weights, before it serves its next request
+
+    def _reissue(self, request: Request) -> ray.ObjectRef:
+        self.counters.requests_reissued += 1
+        return self.recipe.request(self.generators[request.generator], request.prompts, seed=request.seed)
 
     # -- the run --------------------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run to `train.steps`. resume=True continues the run in `out_dir` from its newest complete checkpoint.
+        A learner failure resumes from the newest checkpoint up to `train.max_resumes` times."""
         cfg = self.cfg
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(cfg.to_yaml())
         self.recipe = make_recipe(cfg)
         self.train_prompts, self.eval_prompts, self.task = self._prompts()
         self.stream = PromptStream(self.train_prompts, cfg.seed)
-        self.log(f"[selfplay] {cfg.algorithm} in {cfg.mode} mode → {self.out}")
-        self.initial_policy = self._initial_policy()
-        self.log(f"[selfplay] starting {cfg.resources.num_generators} generator(s), {cfg.resources.num_judges} judge(s), "
-                 f"{cfg.resources.replay_shards} replay shard(s), {cfg.resources.num_learners} learner(s)")
-        self.metrics = None
-        try:
-            self._build(self.initial_policy)
-            self.metrics = RunMetrics(self.out, cfg, run_name=self.out.name)
-            self.t0 = time.perf_counter()
-            if self.recipe.weights == "ema":
-                self.sync.push()  # SAPO generators serve the EMA policy from the first batch
-                self.sync.wait()
-            (self._run_sync if cfg.mode == "sync" else self._run_async)()
-            self.sync.wait()
-            self.utilization = self._utilization(time.perf_counter() - self.t0)
-            final = self.learners.save_checkpoint(self.out / "checkpoints" / f"step_{self.counters.learner_steps}")
-            self.replay.snapshot(Path(final) / "replay")
-            self._evaluate(final_dir=Path(final) / "model")
-            summary = self._summary(time.perf_counter() - start)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.metrics.summary(summary)
-            plot(self.metrics.records, self.evals, self.out)
-        finally:
-            if self.metrics is not None:
-                self.metrics.close()
-            self._shutdown()
+        if resume:
+            checkpoint = latest_checkpoint(self.out)
+            if checkpoint is None:
+                raise FileNotFoundError(f"{self.out}: no complete checkpoint to resume from (a checkpoint is complete "
+                                        "once its driver_state.json is written; set train.checkpoint_every)")
+            self._resume_state = json.loads((checkpoint / "driver_state.json").read_text())
+            self._restarts_before = self._resume_state["restarts"]  # counted by the process that was stopped
+            self.initial_policy = self._resume_state["initial_policy"]
+            self.log(f"[selfplay] resuming {self.out} from {checkpoint.name}")
+        else:
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            self.log(f"[selfplay] {cfg.algorithm} in {cfg.mode} mode → {self.out}")
+            self.initial_policy = self._initial_policy()
+        while True:
+            try:
+                summary = self._run_once(start)
+                break
+            except LearnerFailure as e:
+                checkpoint = latest_checkpoint(self.out)
+                if len(self.resumes) >= cfg.train.max_resumes or checkpoint is None:
+                    raise LearnerFailure(f"{e}. Resume with: selfplay run {self.out / 'config.yaml'} --out {self.out} "
+                                         "--resume" + ("" if checkpoint else " (no checkpoint yet: set "
+                                                                             "train.checkpoint_every)")) from e
+                self.log(f"[selfplay] {e}; resuming from {checkpoint.name} "
+                         f"({len(self.resumes) + 1}/{cfg.train.max_resumes})")
+                self._resume_state = json.loads((checkpoint / "driver_state.json").read_text())
         self.log(f"[selfplay] done in {summary['wall_seconds']:.0f}s: win rate vs initial "
                  f"{summary['winrate_vs_initial']:.3f} on {summary['eval_prompts']} held-out prompts → "
                  f"{self.out / 'summary.json'}")
         return summary
 
-    def _request(self, i: int) -> ray.ObjectRef:
-        prompts = self.stream.take(self.cfg.generation.prompts_per_request)
-        self._requests += 1
-        return self.recipe.request(self.generators[i], prompts, seed=self.cfg.seed * 100_003 + self._requests)
+    def _run_once(self, start: float) -> dict[str, Any]:
+        cfg = self.cfg
+        self.log(f"[selfplay] starting {cfg.resources.num_generators} generator(s), {cfg.resources.num_judges} judge(s), "
+                 f"{cfg.resources.replay_shards} replay shard(s), {cfg.resources.num_learners} learner(s)")
+        self.metrics = None
+        self.generating: dict[ray.ObjectRef, Request] = {}
+        self.judging: dict[ray.ObjectRef, tuple[int, Request, list]] = {}
+        try:
+            self._build(self.initial_policy)
+            self.metrics = RunMetrics(self.out, cfg, run_name=self.out.name)
+            self.t0 = time.perf_counter()
+            if self.recipe.weights == "ema" or self._resume_state is not None:
+                # SAPO generators serve the EMA policy from the first batch; resumed ones the checkpoint's weights
+                self.sync.push(republish=self._resume_state is not None)
+                self.sync.wait()
+            self._resume_state = None
+            (self._run_sync if cfg.mode == "sync" else self._run_async)()
+            self.sync.wait()
+            self.utilization = self._utilization(time.perf_counter() - self.t0)
+            final = self._checkpoint()
+            self._evaluate(final_dir=final / "model")
+            summary = self._summary(time.perf_counter() - start)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.metrics.summary(summary)
+            plot(self.metrics.records, self.evals, self.out)
+            return summary
+        except ActorDiedError as e:
+            if e.role == "learner rank":
+                raise LearnerFailure(f"learner rank {e.key} died at step {self.counters.learner_steps}") from e
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            self._shutdown()
 
-    def _judge(self, results: list[dict], j: int) -> ray.ObjectRef:
+    # -- requests: sent, collected, and sent again when their actor died ------------------------------------------
+
+    def _request(self, i: int) -> ray.ObjectRef:
+        """Generator i's next request: a backlog request first (in flight when a resumed checkpoint was taken)."""
+        if self.backlog:
+            request = self.backlog.pop(0)
+            request.generator = i
+        else:
+            self._requests += 1
+            request = Request(i, self.stream.take(self.cfg.generation.prompts_per_request),
+                              self.cfg.seed * 100_003 + self._requests)
+        ref = self.recipe.request(self.generators[i], request.prompts, seed=request.seed)
+        self.generating[ref] = request
+        return ref
+
+    def _generated(self, ref: ray.ObjectRef) -> list[dict] | None:
+        """The request's results, or None when its generator died (it is restarted and the request sent again)."""
+        request = self.generating.pop(ref)
+        try:
+            return get_all({request.generator: ref}, 600, "generate", "generator")[request.generator]
+        except ActorDiedError:
+            self._generator_died(request.generator)
+            self.generating[self._reissue(request)] = request
+            return None
+
+    def _judge(self, results: list[dict], request: Request) -> ray.ObjectRef:
         self.counters.samples_generated += self.recipe.responses(results)
-        return self.judges[j % len(self.judges)].judge.remote(self.recipe.groups(results))
+        j = request.generator % len(self.judges)
+        groups = self.recipe.groups(results)
+        ref = self.judges[j].judge.remote(groups)
+        self.judging[ref] = (j, request, groups)
+        return ref
+
+    def _judged(self, ref: ray.ObjectRef) -> dict | None:
+        """The verdict, or None when the judge died (it is restarted and the same groups sent again)."""
+        j, request, groups = self.judging.pop(ref)
+        try:
+            return get_all({j: ref}, 600, "judge", "judge")[j]
+        except ActorDiedError:
+            self._restarted("judge", j)
+            self.counters.requests_reissued += 1
+            self.judging[self.judges[j].judge.remote(groups)] = (j, request, groups)
+            return None
 
     def _store(self, verdict: dict) -> None:
         self.counters.groups_judged += len(verdict["verdicts"])
         self.counters.skipped_ties += verdict["skipped_ties"]
         self.counters.rows_added += self.replay.add(verdict["rows"])
 
+    # -- the two schedules ----------------------------------------------------------------------------------------
+
     def _run_sync(self) -> None:
         cfg = self.cfg
-        for step in range(cfg.train.steps):
+        for step in range(self.counters.learner_steps, cfg.train.steps):
             self._maybe_refresh_reference(step)
             # one round of generation per step; more while the buffer cannot fill a batch (ties give no row)
             for _ in range(20):
                 t = time.perf_counter()
-                results = get_all({i: self._request(i) for i in range(len(self.generators))}, 600, "generate",
-                                  "generator")
+                for i in range(len(self.generators)):
+                    self._request(i)
+                while self.generating or self.judging:  # every request generated and judged, whatever died
+                    ref = next(iter(self.generating or self.judging))
+                    if ref in self.generating:
+                        request = self.generating[ref]
+                        results = self._generated(ref)
+                        if results is not None:
+                            self._judge(results, request)
+                    else:
+                        verdict = self._judged(ref)
+                        if verdict is not None:
+                            self._store(verdict)
                 self.intervals["generate"].append((t, time.perf_counter()))
-                verdicts = get_all({i: self._judge(res, i) for i, res in results.items()}, 600, "judge", "judge")
-                for v in verdicts.values():
-                    self._store(v)
                 if self.replay.stats()["size"] >= cfg.train.batch_size:
                     break
             t = time.perf_counter()
@@ -199,15 +350,18 @@ class Driver:
 
     def _run_async(self) -> None:
         cfg = self.cfg
-        generating = {self._request(i): i for i in range(len(self.generators))}
-        started = {ref: time.perf_counter() for ref in generating}
-        judging: dict[ray.ObjectRef, int] = {}
+        for i in range(len(self.generators)):
+            self._request(i)
+        started = {ref: time.perf_counter() for ref in self.generating}
         # up to two learner steps queued: the next one starts the moment the last ends, with no driver round trip
-        # in between (a weight publish asked for meanwhile runs between them, in the order it was asked)
+        # in between (a weight publish asked for meanwhile runs between them, in the order it was asked). Never
+        # past a checkpoint: the learners must be at exactly the checkpoint's step when it is saved.
         training: collections.deque = collections.deque()
         submitted = self.counters.learner_steps
+        every = cfg.train.checkpoint_every
         while self.counters.learner_steps < cfg.train.steps:
             while (len(training) < 2 and submitted < cfg.train.steps
+                   and not (every and submitted % every == 0 and self.counters.learner_steps < submitted)
                    and self.replay.stats()["size"] >= cfg.train.batch_size):
                 self._maybe_refresh_reference(submitted)
                 rows = self.replay.sample(cfg.train.batch_size, current_version=self.learner_version())
@@ -215,20 +369,25 @@ class Driver:
                     break
                 training.append((self.learners.train_step_async(rows), time.perf_counter(), rows))
                 submitted += 1
-            waiting = [*generating, *judging, *(training[0][0] if training else []), *self.sync.waitables()]
+            waiting = [*self.generating, *self.judging, *(training[0][0] if training else []), *self.sync.waitables()]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=600)
             if not ready:
                 raise TimeoutError("no generator, judge, learner or weight publish finished within 600s")
             ref = ready[0]
-            if ref in generating:  # a generator is done: judge its batch and give it the next one at once
-                i = generating.pop(ref)
+            if ref in self.generating:  # a generator is done: judge its batch and give it the next one at once
+                request = self.generating[ref]
+                results = self._generated(ref)
+                if results is None:  # its generator was restarted and has the request again
+                    started.pop(ref)
+                    started.update({r: time.perf_counter() for r in self.generating if r not in started})
+                    continue
                 self.intervals["generate"].append((started.pop(ref), time.perf_counter()))
-                judging[self._judge(ray.get(ref), i)] = i
-                new = self._request(i)
-                generating[new], started[new] = i, time.perf_counter()
-            elif ref in judging:
-                judging.pop(ref)
-                self._store(ray.get(ref))
+                self._judge(results, request)
+                started[self._request(request.generator)] = time.perf_counter()
+            elif ref in self.judging:
+                verdict = self._judged(ref)
+                if verdict is not None:
+                    self._store(verdict)
             elif training and ref in training[0][0]:
                 refs, t, rows = training.popleft()
                 metrics = self.learners.finish_step(refs)
@@ -236,8 +395,10 @@ class Driver:
                 self._after_step(metrics, rows)
             else:  # a weight publish returned: send the generators their loads
                 self.sync.poll()
-        for ref in list(judging):  # rows already generated are stored, not dropped
-            self._store(ray.get(ref, timeout=600))
+        while self.judging:  # rows already generated are stored, not dropped
+            verdict = self._judged(next(iter(self.judging)))
+            if verdict is not None:
+                self._store(verdict)
 
     def _train_batch(self) -> dict[str, Any]:
         rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.learner_version())
@@ -279,6 +440,9 @@ class Driver:
         self._logged_samples = c.samples_generated
         if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
             self._evaluate()
+        if cfg.train.checkpoint_every and c.learner_steps % cfg.train.checkpoint_every == 0 \
+                and c.learner_steps < cfg.train.steps:
+            self._checkpoint()
         if c.learner_steps % cfg.logging.log_every == 0 or c.learner_steps == cfg.train.steps:
             self.log(f"step {c.learner_steps}/{cfg.train.steps} | loss {record['loss']:.4g} | margin "
                      f"{record['reward_margin']:+.3f} | {record['samples_per_s']:.1f} samples/s | buffer "
@@ -293,6 +457,54 @@ class Driver:
         if self.recipe.refresh_reference(step, self.cfg.train.steps):
             self.learners.refresh_reference()
             self.log(f"[selfplay] step {step}: new SPPO iteration, reference ← current policy")
+
+    # -- checkpoints and resume -----------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> Path:
+        """Learners (weights, optimizer, EMA, reference, RNG), replay snapshot, then the driver's state — written
+        last, atomically: a checkpoint without driver_state.json is incomplete and never resumed from."""
+        self.sync.wait()  # generators serve exactly these weights (checkpoint_every is a multiple of sync_every)
+        directory = self.out / "checkpoints" / f"step_{self.counters.learner_steps}"
+        self.learners.save_checkpoint(directory)
+        self.replay.snapshot(directory / "replay")
+        in_flight = [r for r in self.generating.values()] + [r for _, r, _ in self.judging.values()]
+        state = {
+            "step": self.counters.learner_steps, "policy_version": self.learner_version(),
+            "initial_policy": self.initial_policy, "counters": dataclasses.asdict(self.counters),
+            "requests": self._requests, "logged_samples": self._logged_samples, "evals": self.evals,
+            "stream": self.stream.state(), "restarts": self._all_restarts(), "resumes": self.resumes,
+            # sent again first on resume: their rows were not yet acknowledged when this checkpoint was taken
+            "in_flight": [{"prompts": [dataclasses.asdict(p) for p in r.prompts], "seed": r.seed} for r in in_flight],
+        }
+        tmp = directory / "driver_state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(directory / "driver_state.json")
+        self.log(f"[selfplay] checkpoint {directory}")
+        return directory
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Put the freshly built actors and the driver back at a checkpoint's step."""
+        directory = self.out / "checkpoints" / f"step_{state['step']}"
+        self.learners.load_checkpoint(directory)
+        self.replay.restore(directory / "replay")
+        self.counters = Counters(**state["counters"])
+        self._requests, self._logged_samples = state["requests"], state["logged_samples"]
+        self.evals, self.resumes = list(state["evals"]), [*state["resumes"], state["step"]]
+        self.stream.load_state(state["stream"])
+        self.backlog = [Request(0, [_prompt(p) for p in r["prompts"]], r["seed"]) for r in state["in_flight"]]
+        metrics = self.out / "metrics.jsonl"  # steps after the checkpoint are run again: their lines go
+        if metrics.exists():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
+            metrics.write_text("".join(ln + "\n" for ln in lines))
+
+    def _all_restarts(self) -> dict[str, int]:
+        """Restarts recovered in this run, resumed attempts included (judges and generators that were restarted
+        while idle are found by their new pid)."""
+        for role, actors in (("generator", self.generators), ("judge", self.judges)):
+            for i in range(len(actors)):
+                self._restarted(role, i)
+        now = {**self.restarts, "replay_shard": self.restarts["replay_shard"] + self.replay.restarts}
+        return {k: v + self._restarts_before.get(k, 0) for k, v in now.items()}
 
     # -- evaluation and outputs -----------------------------------------------------------------------------------
 
@@ -350,7 +562,10 @@ class Driver:
             "weight_syncs": c.weight_syncs, "winrate_vs_initial": final["winrate_vs_initial"],
             "winrate_stderr": final["stderr"], "task_score": final["task_score"],
             "initial_task_score": final["initial_task_score"], "eval_prompts": final["n"],
-            "wall_seconds": round(wall, 2), "actor_restarts": 0, "rows_added": c.rows_added,
+            "wall_seconds": round(wall, 2), "actor_restarts": self._all_restarts(), "resumed_from": self.resumes,
+            "requests_reissued": c.requests_reissued, "rows_added": c.rows_added,
+            # acknowledged rows the buffer no longer accounts for (in it, sampled away, evicted or dropped): 0
+            "rows_lost": c.rows_added - stats["added"], "rows_replayed_after_restart": self.replay.replayed_rows,
             "skipped_ties": c.skipped_ties, "generate_train_overlap_seconds": round(self.overlap(), 3),
             "rows_evicted": stats["evicted"], "rows_retired": stats["retired"], **self.utilization,
             "evals": self.evals,
@@ -369,5 +584,7 @@ class Driver:
             ray.kill(handle)
         if hasattr(self, "replay"):
             self.replay.shutdown()
+            self.restarts["replay_shard"] += self.replay.restarts  # a resumed attempt builds a new buffer
+            self.replay.restarts = 0
         if hasattr(self, "learners"):
             self.learners.shutdown()

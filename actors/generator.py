@@ -13,12 +13,14 @@ Every result records the `policy_version` it was produced with.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import ray
 import torch
 
+from actors.remote import ActorRestarted, restarted
 from selfplay.backends import make_backend
 from selfplay.config import Config
 from selfplay.generation import revise
@@ -49,6 +51,7 @@ class GeneratorActor:
             gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
         )
         self.policy_version = 0
+        self.awaiting_weights = restarted()  # a restart serves nothing until the driver brings the current weights
         self._calls = 0
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
         self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0}
@@ -56,6 +59,8 @@ class GeneratorActor:
     # -- generation ----------------------------------------------------------------------------------------------
 
     def _sampling(self, temperature, top_p, max_new_tokens, seed) -> dict[str, Any]:
+        if self.awaiting_weights:
+            raise ActorRestarted(f"generator {self.index} was restarted and does not have the current weights yet")
         g = self.cfg.generation
         self._calls += 1
         return {
@@ -185,6 +190,7 @@ class GeneratorActor:
                                   f"{self.policy_version}: {e}") from None
         self.backend.load_weights(state)
         self.policy_version = version
+        self.awaiting_weights = False
         self.counters["weight_loads"] += 1
         self.counters["busy_seconds"] += time.perf_counter() - start
         return version
@@ -192,9 +198,14 @@ class GeneratorActor:
     def version(self) -> int:
         return self.policy_version
 
+    def serve_initial_weights(self) -> int:
+        """After a restart, when no weights were ever published: the initial ones are the current ones."""
+        self.awaiting_weights = False
+        return self.policy_version
+
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,
-                **self.counters}
+                "pid": os.getpid(), **self.counters}  # a new pid: Ray restarted this generator
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights being served (hf backend), for verification in tests and tools."""

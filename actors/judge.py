@@ -2,17 +2,22 @@
 
 Several generators call `judge(groups)` at once; calls arriving within `max_wait_s` of each other are judged
 together (one model batch), and each caller gets back its own verdicts plus replay rows as an Arrow table.
+
+Bad input stays with its caller: a malformed group (no candidates, a prompt that is not text) fails only the
+call that sent it; bad judge output (NaN, inf, a probability outside [0, 1]) and empty responses are counted
+skips per group (`skipped_invalid`, `skipped_empty`; see selfplay.judges.base.JudgedGroups).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import ray
 
-from selfplay.buffer import SCHEMA, to_table
-from selfplay.judges import judge_groups, make_judge
+from selfplay.judges import make_judge
+from selfplay.judges.calls import SKIP_COUNTERS, judge_calls
 
 
 @ray.remote
@@ -24,13 +29,16 @@ class JudgeActor:
         self.max_wait_s, self.max_batch_groups = max_wait_s, max_batch_groups
         self._pending: list[tuple[list[dict[str, Any]], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
-        self.counters = {"calls": 0, "groups": 0, "batches": 0, "skipped_ties": 0}
+        self.counters = {"calls": 0, "groups": 0, "batches": 0, "bad_calls": 0, **dict.fromkeys(SKIP_COUNTERS, 0)}
 
     async def judge(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
         """Judge groups {prompt_id, prompt, candidates, policy_version[, candidates_prev]}.
 
-        Returns {"verdicts": [per group: probs K×K, scores, winner, loser, p_winner, p_loser, valid],
-                 "rows": Arrow table of replay rows (groups with a strict winner), "skipped_ties": int}.
+        Returns {"verdicts": [per group: probs K×K, scores, winner, loser, p_winner, p_loser, valid, skip_reason],
+                 "rows": Arrow table of replay rows (groups with a strict winner),
+                 "skipped_ties": int, "skipped_invalid": int, "skipped_empty": int,  # groups without a row
+                 "empty_responses": int}  # empty candidates judged as losing
+        A malformed group raises ValueError (naming the group) to this caller only.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append((list(groups), future))
@@ -40,7 +48,7 @@ class JudgeActor:
         return await future
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counters)
+        return {**self.counters, "pid": os.getpid()}  # a new pid: Ray restarted this judge
 
     async def _flush(self) -> None:
         await asyncio.sleep(self.max_wait_s)  # let concurrent callers join this batch
@@ -60,30 +68,22 @@ class JudgeActor:
                         fut.set_exception(e)
                 continue
             for (_, fut), result in zip(batch, results):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
                     fut.set_result(result)
 
-    def _judge_calls(self, calls: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        flat = [(c, i, g) for c, groups in enumerate(calls) for i, g in enumerate(groups)]
-        verdicts: dict[tuple[int, int], dict[str, Any]] = {}
-        by_k: dict[int, list[tuple[int, int, dict]]] = {}
-        for c, i, g in flat:
-            by_k.setdefault(len(g["candidates"]), []).append((c, i, g))
-        for items in by_k.values():  # one model batch per K: matrices need equal K
-            judged = judge_groups(self.judge, [g for _, _, g in items], self.algorithm)
-            for b, (c, i, _) in enumerate(items):
-                verdicts[(c, i)] = judged.verdict(b)
-        self.counters["batches"] += len(by_k)
-        self.counters["groups"] += len(flat)
-        out = []
-        for c, groups in enumerate(calls):
-            mine = [verdicts[(c, i)] for i in range(len(groups))]
-            rows = [v.pop("row") for v in mine]
-            kept = [r for r in rows if r is not None]
-            self.counters["skipped_ties"] += len(rows) - len(kept)
-            out.append({
-                "verdicts": mine,
-                "rows": to_table(kept) if kept else SCHEMA.empty_table(),
-                "skipped_ties": len(rows) - len(kept),
-            })
-        return out
+    def _judge_calls(self, calls: list[list[dict[str, Any]]]) -> list[dict[str, Any] | Exception]:
+        results = judge_calls(self.judge, calls, self.algorithm)
+        self.counters["batches"] += len({len(g["candidates"]) for groups, r in zip(calls, results)
+                                         if not isinstance(r, Exception) for g in groups})
+        for groups, result in zip(calls, results):
+            if isinstance(result, Exception):
+                self.counters["bad_calls"] += 1
+                continue
+            self.counters["groups"] += len(groups)
+            for key in SKIP_COUNTERS:
+                self.counters[key] += result[key]
+        return results

@@ -201,14 +201,14 @@ class LearnerActor:
         with self._gathered() if which == "policy" else contextlib.nullcontext():
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
 
-    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
+    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20, bump: bool = True) -> dict[str, Any] | None:
         """Gather full weights and put them in the object store as buckets. Collective under ZeRO-3: every rank
         calls it; rank 0 returns {version, manifest, checksums, buckets: [ObjectRef]}, the others None."""
         start = time.perf_counter()
         state = self.full_state(which)
         if self.rank != 0:
             return None
-        self.version += 1
+        self.version += int(bump)  # bump=False: the current version again (generators joining after a resume)
         packed = pack_buckets(state, bucket_bytes)
         published = {
             "version": self.version,
@@ -227,14 +227,15 @@ class LearnerActor:
         self.sender = BroadcastSender(BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend))
         return True
 
-    def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20) -> dict[str, Any] | None:
+    def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20,
+                          bump: bool = True) -> dict[str, Any] | None:
         """Like `publish`, but rank 0 broadcasts the buckets to the generators in a background thread and
         returns at once; the next train_step runs while generators receive."""
         start = time.perf_counter()
         state = self.full_state(which)
         if self.rank != 0:
             return None
-        self.version += 1
+        self.version += int(bump)  # bump=False: the current version again (generators joining after a resume)
         packed = pack_buckets(state, bucket_bytes)
         self.sender.start(self.version, packed)
         self._busy_since(start)

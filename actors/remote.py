@@ -9,6 +9,24 @@ from typing import Any
 import ray
 
 
+class ActorDiedError(RuntimeError):
+    """An actor died during a call. `key` says which one, so a caller whose actors restart can recover it."""
+
+    def __init__(self, message: str, key: Any, role: str = ""):
+        super().__init__(message)
+        self.key, self.role = key, role
+
+
+class ActorRestarted(RuntimeError):
+    """Raised by a restarted actor until it has been recovered (a generator until it has the current weights,
+    a replay shard until its rows are back): serving before that would be stale or lose data silently."""
+
+
+def restarted() -> bool:
+    """Inside an actor: whether this incarnation is a restart by Ray."""
+    return ray.get_runtime_context().was_current_actor_reconstructed
+
+
 def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role: str) -> dict[Any, Any]:
     """ray.get every ref within one shared deadline. Errors name the actor as "<role> <key>"."""
     deadline = time.monotonic() + timeout_s
@@ -19,9 +37,11 @@ def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{role} {key}: {what} did not finish within {timeout_s:.0f}s") from None
         except ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"{role} {key}: actor died during {what}: {e}") from e
+            raise ActorDiedError(f"{role} {key}: actor died during {what}: {e}", key, role) from e
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if e.cause is not None else e
+            if isinstance(cause, ActorRestarted):  # died while idle: recovered like a death during the call
+                raise ActorDiedError(f"{role} {key}: {cause}", key, role) from e
             if _plain(cause):  # same type, message prefixed with the actor it came from
                 raise type(cause)(f"{role} {key}: {what} failed: {cause}") from e
             raise cause from e
@@ -31,3 +51,20 @@ def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role
 def _plain(exc: BaseException) -> bool:
     """Exceptions that can be rebuilt from a message (the common built-in ones)."""
     return type(exc).__module__ == "builtins"
+
+
+def wait_restarted(handle, timeout_s: float, role: str, key: Any) -> Any:
+    """Block until a restarting actor answers again and return its `stats()`. Calls to an actor Ray is still
+    restarting fail at once as unavailable; an actor that will not come back raises ActorDiedError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(handle.stats.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{role} {key}: not back within {timeout_s:.0f}s of its restart") from None
+            time.sleep(0.2)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{role} {key}: not back within {timeout_s:.0f}s of its restart") from None
+        except ray.exceptions.RayActorError as e:
+            raise ActorDiedError(f"{role} {key}: died and was not restarted: {e}", key, role) from e

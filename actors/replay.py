@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.remote import get_all
+from actors.remote import ActorDiedError, ActorRestarted, get_all, restarted, wait_restarted
 from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table
 
 MANIFEST = "manifest.json"
@@ -27,31 +27,50 @@ class ReplayShardActor:
     def __init__(self, capacity: int, seed: int = 0, index: int = 0, max_reuse: int | None = None):
         self.index = index
         self.shard = ReplayShard(capacity, seed, max_reuse)
+        self.awaiting_restore = restarted()  # a restart holds no rows: refuse work until the client restores it
+
+    def _check(self) -> None:
+        if self.awaiting_restore:
+            raise ActorRestarted(f"replay shard {self.index} was restarted and its rows are not restored yet")
 
     def add(self, rows: pa.Table) -> int:
+        self._check()
         return self.shard.add(rows)
 
     def prepare(self, strategy: str, current_version: int | None, max_staleness: int | None) -> tuple[int, float]:
         """Drop stale rows, then report (size, sampling mass) for the client's split of a sample."""
+        self._check()
         if current_version is not None:
             self.shard.drop_stale(current_version, max_staleness)
         return len(self.shard), self.shard.sampling_mass(strategy)
 
     def sample(self, n: int, strategy: str, replace: bool, current_version: int | None = None,
                max_staleness: int | None = None) -> pa.Table:
+        self._check()
         return self.shard.sample(n, strategy, replace, current_version, max_staleness)
 
     def stats(self) -> dict[str, int]:
-        return {"shard": self.index, **self.shard.stats()}
+        return {"shard": self.index, **self.shard.stats(), "awaiting_restore": self.awaiting_restore}
+
+    def count_evicted(self, n: int) -> None:
+        """Rows acknowledged before a restart that recovery could not bring back, because they had left the
+        FIFO window: counted as added and evicted, so the totals still add up."""
+        self.shard.counters.added += n
+        self.shard.counters.evicted += n
 
     def rows(self) -> pa.Table:
+        self._check()
         return self.shard.rows()
 
     def snapshot(self, path: str) -> str:
+        self._check()  # never overwrite a good snapshot with a restarted, empty shard
         return str(self.shard.snapshot(path))
 
-    def restore(self, path: str) -> dict[str, int]:
-        self.shard = ReplayShard.restore(path, capacity=self.shard.capacity, max_reuse=self.shard.max_reuse)
+    def restore(self, path: str | None) -> dict[str, int]:
+        """Rows and counters from a snapshot (None: none was taken yet, start empty); then serve again."""
+        if path is not None:
+            self.shard = ReplayShard.restore(path, capacity=self.shard.capacity, max_reuse=self.shard.max_reuse)
+        self.awaiting_restore = False
         return self.stats()
 
     def load_rows(self, rows: pa.Table, counters: dict[str, int]) -> dict[str, int]:
@@ -78,6 +97,7 @@ class ReplayBuffer:
         seed: int = 0,
         num_cpus: float = 0.5,
         timeout_s: float = 120.0,
+        max_restarts: int = 0,
     ):
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -89,9 +109,15 @@ class ReplayBuffer:
         self.sampling, self.replace, self.max_staleness = sampling, replace, max_staleness
         self.timeout_s = timeout_s
         self._rng = np.random.default_rng(seed)
-        per_shard = [capacity // num_shards + (i < capacity % num_shards) for i in range(num_shards)]
+        self.per_shard = [capacity // num_shards + (i < capacity % num_shards) for i in range(num_shards)]
+        # a shard that dies is restarted by Ray (up to max_restarts times in all) and recovered by `_recover`
+        self.max_restarts, self.restarts, self.replayed_rows = max_restarts, 0, 0
+        self._snapshot_files: dict[int, str] = {}
+        self._since_snapshot: dict[int, list[pa.Table]] = {i: [] for i in range(num_shards)}
+        self._trimmed = dict.fromkeys(range(num_shards), 0)
         self.shards = [
-            ReplayShardActor.options(num_cpus=num_cpus, name=None).remote(per_shard[i], seed + i, i, max_reuse)
+            ReplayShardActor.options(num_cpus=num_cpus, max_restarts=max_restarts).remote(
+                self.per_shard[i], seed + i, i, max_reuse)
             for i in range(num_shards)
         ]
 
@@ -107,6 +133,7 @@ class ReplayBuffer:
             max_reuse=cfg.replay.max_reuse,
             seed=cfg.seed,
             num_cpus=cfg.resources.replay_cpus,
+            max_restarts=cfg.resources.max_restarts,
             **kwargs,
         )
 
@@ -122,7 +149,9 @@ class ReplayBuffer:
         else:
             owner = shard_of(table.column("prompt_id").to_pylist(), self.num_shards)
             parts = {int(s): table.take(pa.array(np.flatnonzero(owner == s))) for s in np.unique(owner)}
-        added = self._get({s: self.shards[s].add.remote(part) for s, part in parts.items()}, "add")
+        added = self._call({s: ("add", part) for s, part in parts.items()}, "add")
+        for s, part in parts.items():  # acknowledged: kept until the next snapshot, to replay into a restarted shard
+            self._log_rows(s, part)
         return sum(added.values())
 
     def sample(
@@ -141,23 +170,25 @@ class ReplayBuffer:
         if strategy not in SAMPLING:
             raise ValueError(f"unknown sampling strategy {strategy!r}; use one of {SAMPLING}")
         if self.num_shards == 1:  # nothing to split: one round trip
-            ref = self.shards[0].sample.remote(n, strategy, replace, current_version, self.max_staleness)
-            return self._get({0: ref}, "sample")[0]
-        prepared = self._get(
-            {i: s.prepare.remote(strategy, current_version, self.max_staleness) for i, s in enumerate(self.shards)},
-            "prepare",
-        )
+            return self._call({0: ("sample", n, strategy, replace, current_version, self.max_staleness)}, "sample")[0]
+        prepared = self._call({i: ("prepare", strategy, current_version, self.max_staleness)
+                               for i in range(self.num_shards)}, "prepare")
         sizes = [prepared[i][0] for i in range(self.num_shards)]
         masses = [prepared[i][1] for i in range(self.num_shards)]
         counts = allocate(n, sizes, masses, replace, self._rng)
-        calls = {i: self.shards[i].sample.remote(int(c), strategy, replace) for i, c in enumerate(counts) if c}
-        tables = self._get(calls, "sample")
+        tables = self._call({i: ("sample", int(c), strategy, replace) for i, c in enumerate(counts) if c}, "sample")
         return pa.concat_tables([tables[i] for i in sorted(tables)]) if tables else SCHEMA.empty_table()
 
     # -- observability ---------------------------------------------------------------------------------------
 
     def shard_stats(self) -> list[dict[str, int]]:
-        stats = self._get({i: s.stats.remote() for i, s in enumerate(self.shards)}, "stats")
+        stats = self._call({i: ("stats",) for i in range(self.num_shards)}, "stats")
+        for i in [i for i, st in stats.items() if st["awaiting_restore"]]:  # restarted while idle
+            if self.restarts >= self.max_restarts:
+                raise ActorDiedError(f"replay shard {i} was restarted more than max_restarts={self.max_restarts} "
+                                     "times", i, "replay shard")
+            self._recover(i)
+            stats[i] = self._call({i: ("stats",)}, "stats")[i]
         return [stats[i] for i in range(self.num_shards)]
 
     def stats(self) -> dict[str, int]:
@@ -172,7 +203,7 @@ class ReplayBuffer:
 
     def rows(self) -> pa.Table:
         """Every row of every shard (shard by shard, each oldest first)."""
-        tables = self._get({i: s.rows.remote() for i, s in enumerate(self.shards)}, "rows")
+        tables = self._call({i: ("rows",) for i in range(self.num_shards)}, "rows")
         return pa.concat_tables([tables[i] for i in range(self.num_shards)])
 
     # -- persistence -----------------------------------------------------------------------------------------
@@ -185,12 +216,14 @@ class ReplayBuffer:
         directory = Path(directory).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         files = [f"shard-{i:03d}-of-{self.num_shards:03d}.parquet" for i in range(self.num_shards)]
-        self._get({i: s.snapshot.remote(str(directory / files[i])) for i, s in enumerate(self.shards)}, "snapshot")
+        self._call({i: ("snapshot", str(directory / files[i])) for i in range(self.num_shards)}, "snapshot")
         manifest = {"num_shards": self.num_shards, "capacity": self.capacity, "files": files,
                     "stats": self.stats(), "created_at": time.time()}
         tmp = directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(directory / MANIFEST)
+        self._snapshot_files = {i: str(directory / f) for i, f in enumerate(files)}
+        self._since_snapshot, self._trimmed = {i: [] for i in range(self.num_shards)}, dict.fromkeys(self._trimmed, 0)
         return directory
 
     def restore(self, directory: str | Path) -> dict[str, int]:
@@ -207,11 +240,15 @@ class ReplayBuffer:
         if missing:
             raise FileNotFoundError(f"replay snapshot {directory} is missing {missing}")
         if manifest["num_shards"] == self.num_shards:
-            self._get({i: s.restore.remote(str(files[i])) for i, s in enumerate(self.shards)}, "restore")
-            return self.stats()
-        return self._reshard(files)
+            self._call({i: ("restore", str(files[i])) for i in range(self.num_shards)}, "restore")
+            self._snapshot_files = {i: str(f) for i, f in enumerate(files)}
+        else:
+            self._reshard(files)
+            self.snapshot(directory.parent / f"{directory.name}-resharded")  # a restarted shard restores from it
+        self._since_snapshot, self._trimmed = {i: [] for i in range(self.num_shards)}, dict.fromkeys(self._trimmed, 0)
+        return self.stats()
 
-    def _reshard(self, files: list[Path]) -> dict[str, int]:
+    def _reshard(self, files: list[Path]) -> None:
         old = [ReplayShard.restore(f) for f in files]
         table = pa.concat_tables([s.rows() for s in old])
         order = np.argsort(table.column("created_at").to_numpy(), kind="stable")
@@ -226,16 +263,48 @@ class ReplayBuffer:
             counters = {"added": part.num_rows, "evicted": 0, "dropped_stale": 0, "sampled": 0, "retired": 0}
             if i == 0:
                 counters = {k: v - (table.num_rows - part.num_rows if k == "added" else 0) for k, v in totals.items()}
-            calls[i] = self.shards[i].load_rows.remote(part, counters)
-        self._get(calls, "restore")
-        return self.stats()
+            calls[i] = ("load_rows", part, counters)
+        self._call(calls, "restore")
 
     def shutdown(self) -> None:
         for s in self.shards:
             ray.kill(s)
         self.shards = []
 
-    # -- remote calls with deadlines -----------------------------------------------------------------------
+    # -- remote calls with deadlines, and recovery of restarted shards ------------------------------------------
 
-    def _get(self, refs: dict[int, ray.ObjectRef], what: str) -> dict:
-        return get_all(refs, self.timeout_s, what, "replay shard")
+    def _call(self, calls: dict[int, tuple], what: str) -> dict:
+        """{shard: (method, *args)} → {shard: result}. Each wait is bounded and names the shard. A shard that died
+        is restored (its last snapshot, then every row acknowledged since) once Ray has restarted it, and its
+        call is issued again; other shards' calls are not repeated."""
+        refs = {i: getattr(self.shards[i], c[0]).remote(*c[1:]) for i, c in calls.items()}
+        out = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = get_all({i: ref}, self.timeout_s, what, "replay shard")[i]
+            except ActorDiedError:
+                if self.restarts >= self.max_restarts:
+                    raise
+                self._recover(i)
+                out[i] = get_all({i: getattr(self.shards[i], calls[i][0]).remote(*calls[i][1:])}, self.timeout_s,
+                                 what, "replay shard")[i]
+        return out
+
+    def _recover(self, i: int) -> None:
+        wait_restarted(self.shards[i], self.timeout_s, "replay shard", i)
+        self.restarts += 1
+        get_all({i: self.shards[i].restore.remote(self._snapshot_files.get(i))}, self.timeout_s, "restore",
+                "replay shard")
+        for part in self._since_snapshot[i]:
+            get_all({i: self.shards[i].add.remote(part)}, self.timeout_s, "replay", "replay shard")
+        if self._trimmed[i]:  # acknowledged rows no longer in the log were past the FIFO window: count them evicted
+            get_all({i: self.shards[i].count_evicted.remote(self._trimmed[i])}, self.timeout_s, "replay", "replay shard")
+        self.replayed_rows += sum(p.num_rows for p in self._since_snapshot[i])
+
+    def _log_rows(self, i: int, part: pa.Table) -> None:
+        """Keep the rows shard i acknowledged since the last snapshot, at most its capacity of them: older ones
+        would have been evicted anyway."""
+        log = self._since_snapshot[i]
+        log.append(part)
+        while len(log) > 1 and sum(p.num_rows for p in log[1:]) >= self.per_shard[i]:
+            self._trimmed[i] += log.pop(0).num_rows

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from actors.remote import get_all
+from actors.remote import ActorDiedError, get_all, wait_restarted
 from selfplay.weights import Packed, WeightSyncError
 
 
@@ -126,6 +126,8 @@ class WeightSync:
         # the newest version asked of the learners (rank 0 counts the same way; a resumed learner starts above 0)
         self.latest_version = get_all({0: learners.actors[0].get_version.remote()}, timeout_s, "version", "learner")[0]
         self.generator_versions = {i: 0 for i in range(len(self.generators))}  # fresh generators: initial weights
+        self.last_published: dict | None = None  # the newest object-store update: a restarted generator loads it
+        self.on_generator_died = self.restore_generator  # the driver swaps in its own handler (it counts restarts)
         if transport == "collective":
             self._open_channel()
 
@@ -139,12 +141,13 @@ class WeightSync:
             refs[f"generator {i}"] = g.open_channel.remote(host, port, i + 1, size, backend, self.timeout_s)
         get_all(refs, self.timeout_s, "open weight channel", "actor")
 
-    def push(self) -> Push:
-        """Publish the current weights as a new version; in sync mode, return once every generator serves it."""
-        self.latest_version += 1
+    def push(self, republish: bool = False) -> Push:
+        """Publish the current weights as a new version (republish: as the learners' current version, for
+        generators that start after a resume); in sync mode, return once every generator serves it."""
+        self.latest_version += 0 if republish else 1
         method = "publish" if self.transport == "object_store" else "publish_broadcast"
         push = Push(self.latest_version, time.perf_counter(),
-                    publishing=self.learners.call_async(method, self.which, self.bucket_bytes))
+                    publishing=self.learners.call_async(method, self.which, self.bucket_bytes, not republish))
         self.pending.append(push)
         if self.mode == "sync":
             self.wait()
@@ -162,6 +165,7 @@ class WeightSync:
         if self.transport == "object_store":
             push.acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
                          for i, g in enumerate(self.generators)}
+            self.last_published = pub
         else:
             push.acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
         push.publishing, push.nbytes = None, pub["nbytes"]
@@ -192,16 +196,39 @@ class WeightSync:
         for push in list(self.pending):
             if push.publishing:
                 self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
-            remaining = max(0.0, self.timeout_s - (time.perf_counter() - push.started))
-            get_all(push.acks, remaining, f"load weights v{push.version}", "generator")
-            self._finish(push)
+            self._finish(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
 
-    def _finish(self, push: Push) -> None:
-        versions = get_all(push.acks, self.timeout_s, f"load weights v{push.version}", "generator")
+    def _finish(self, push: Push, timeout_s: float | None = None) -> None:
+        while True:
+            try:
+                versions = get_all(push.acks, self.timeout_s if timeout_s is None else timeout_s,
+                                   f"load weights v{push.version}", "generator")
+                break
+            except ActorDiedError as e:  # restarted by Ray: it gets the newest weights before it serves again
+                self.on_generator_died(e.key)
+                push.acks.pop(e.key)
         for i, v in versions.items():
             self.generator_versions[i] = max(self.generator_versions[i], v)
         self.latencies.append(time.perf_counter() - push.started)
         self.pending.remove(push)
+
+    def restore_generator(self, i: int) -> None:
+        """Generator i was restarted by Ray and serves its initial weights: load the newest published version
+        into it (its next request is queued behind this load)."""
+        served = wait_restarted(self.generators[i], self.timeout_s, "generator", i)["policy_version"]
+        self.generator_versions[i] = served
+        if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
+            get_all({i: self.generators[i].serve_initial_weights.remote()}, self.timeout_s, "restart", "generator")
+            return
+        if self.transport != "object_store":
+            raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport cannot "
+                               "bring it the current weights; use the object_store transport for restartable "
+                               "generators, or resume the run from its last checkpoint")
+        pub = self.last_published
+        if pub is None:  # the first push is still being published: its loads bring the weights
+            return
+        ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
+        self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}", "generator")[i]
 
     def version_lag(self, learner_version: int) -> dict[int, int]:
         """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""

@@ -220,7 +220,7 @@ class ReplayShard:
         """Write rows + counters to one Parquet file (atomically: a crash leaves the previous snapshot)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"capacity": self.capacity, "counters": asdict(self.counters)}
+        meta = {"capacity": self.capacity, "counters": asdict(self.counters), "rng": self._rng.bit_generator.state}
         table = self.rows().replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
         tmp = path.with_suffix(path.suffix + ".tmp")
         pq.write_table(table, tmp)
@@ -236,6 +236,8 @@ class ReplayShard:
         shard = cls(capacity or meta.get("capacity") or max(table.num_rows, 1), seed, max_reuse)
         shard.load_rows(table.replace_schema_metadata(None))
         shard.set_history(ShardCounters(**meta.get("counters", {})))
+        if "rng" in meta:  # the sampler continues exactly where the snapshot left it
+            shard._rng.bit_generator.state = meta["rng"]
         return shard
 
     def set_history(self, counters: ShardCounters) -> None:

@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run self-play from a config file")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p = sub.add_parser("run", help="run self-play from a config file, or resume a stopped run")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/); not needed with --resume")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="output directory (default: out_dir from the config)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its newest complete checkpoint (its config.yaml, plus --set)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit a command as a Ray job, e.g. selfplay submit -- selfplay run CONFIG")
@@ -112,7 +114,7 @@ def _version() -> str:
     return __version__
 
 
-def _run_driver(cfg, out: str) -> int:
+def _run_driver(cfg, out: str, resume: bool = False) -> int:
     import os
 
     import ray
@@ -125,7 +127,7 @@ def _run_driver(cfg, out: str) -> int:
     elif started_here:  # a local cluster for this run only
         ray.init(include_dashboard=False, log_to_driver=False, namespace="selfplay")
     try:
-        Driver(cfg, out).run()
+        Driver(cfg, out).run(resume=resume)
     finally:
         if started_here:
             ray.shutdown()
@@ -142,6 +144,15 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from selfplay.config import load_config
 
+    if args.resume:
+        from pathlib import Path
+
+        config = Path(args.resume) / "config.yaml"
+        if not config.exists():
+            raise SystemExit(f"selfplay run --resume: {config} not found; not the output directory of a run")
+        return _run_driver(load_config(str(config), args.overrides), args.resume, resume=True)
+    if not args.config:
+        raise SystemExit("selfplay run: give a config file (or --resume DIR)")
     cfg = load_config(args.config, args.overrides)
     return _run_driver(cfg, args.out or cfg.out_dir)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class TaskConfig:
     prompt_field: str = "prompt"
     reference_field: str | None = None  # prompt files: a reference answer per prompt (SAPO's chosen)
     heldout_fraction: float = 0.05  # prompt files: share of prompts kept out of training for evaluation
+    max_prompt_chars: int = 32_000  # prompt files: a longer prompt is a bad record (chat: all messages together)
+    skip_bad_records: bool = False  # prompt files: false = any bad record stops the run before it starts;
+    # true = bad records are skipped, counted and logged with file:line (PromptSet.skipped)
     train_size: int = 2000
     eval_size: int = 200
     min_items: int = 4
@@ -113,7 +117,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     sync_every: int = 1  # push weights to generators every N learner steps
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end (a multiple of sync_every: generators then serve these weights)
+    max_resumes: int = 0  # a learner failure resumes the run from its last checkpoint up to this many times
 
 
 @dataclass
@@ -138,6 +143,7 @@ class ResourcesConfig:
     judge_gpus: float = 0.0
     judge_cpus: float = 1.0
     replay_cpus: float = 0.5
+    max_restarts: int = 3  # generators, judges and replay shards: restarts (each role, in all) before the run fails
 
 
 @dataclass
@@ -183,11 +189,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read YAML (or start from the defaults when path is None), apply `a.b=c` overrides, build and validate."""
     sources: dict[str, str] = {}
     data: dict[str, Any] = {}
+    errors: list[str] = []
     if path is not None:
-        data = _read_yaml(Path(path), sources)
+        data = _read_yaml(Path(path), sources, errors)
     for item in overrides:
         _apply_override(data, item, sources)
-    errors: list[str] = []
     cfg = _build(Config, data, "", sources, errors)
     errors.extend(validate(cfg, sources))  # also on a partly broken config: report every problem at once
     if errors:
@@ -196,13 +202,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def _read_yaml(path: Path, sources: dict[str, str]) -> dict[str, Any]:
+def _read_yaml(path: Path, sources: dict[str, str], errors: list[str]) -> dict[str, Any]:
+    """Parse the file; fatal problems raise, duplicate keys are added to `errors` (reported with the rest)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}, column {column}: {e.reason}); "
+                          "save the file as UTF-8") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -216,7 +230,25 @@ def _read_yaml(path: Path, sources: dict[str, str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     _record_lines(node, "", str(path), sources)
+    errors.extend(_duplicate_keys(node, "", str(path)))
     return data
+
+
+def _duplicate_keys(node: yaml.Node | None, prefix: str, fname: str) -> list[str]:
+    """A key written twice in one mapping: YAML keeps the last value silently, so one of the two is a mistake."""
+    out: list[str] = []
+    if not isinstance(node, yaml.MappingNode):
+        return out
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in seen:
+            out.append(f"{fname}:{line}: {prefix}{key}: duplicate key (first set on line {seen[key]}; "
+                       "YAML would keep only the last value)")
+        else:
+            seen[key] = line
+        out.extend(_duplicate_keys(value_node, f"{prefix}{key}.", fname))
+    return out
 
 
 def _record_lines(node: yaml.Node | None, prefix: str, fname: str, sources: dict[str, str]) -> None:
@@ -273,7 +305,13 @@ def _build(cls, data: Any, prefix: str, sources: dict[str, str], errors: list[st
         full = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            elsewhere = _sections_with(str(key), prefix)
+            if close:
+                hint = f" (did you mean {prefix}{close[0]}?)"
+            elif elsewhere:
+                hint = f" (it belongs in another section: {' or '.join(elsewhere)})"
+            else:
+                hint = f" (known: {', '.join(names)})"
             errors.append(f"{_where(full, sources)}{full}: unknown key{hint}")
             continue
         hint = hints[key]
@@ -286,6 +324,17 @@ def _build(cls, data: Any, prefix: str, sources: dict[str, str], errors: list[st
             else:
                 errors.append(f"{_where(full, sources)}{full}: expected {expected}, got {value!r}")
     return cls(**kwargs)
+
+
+def _sections_with(key: str, prefix: str) -> list[str]:
+    """`section.key` for every section (other than `prefix`) that has a key of this name: `train.beta` → sppo.beta."""
+    out = []
+    for f in dataclasses.fields(Config):
+        hint = typing.get_type_hints(Config)[f.name]
+        if dataclasses.is_dataclass(hint) and f"{f.name}." != prefix:
+            if key in {g.name for g in dataclasses.fields(hint)}:
+                out.append(f"{f.name}.{key}")
+    return out
 
 
 def _coerce(value: Any, hint) -> tuple[bool, Any, str]:
@@ -305,14 +354,17 @@ def _coerce(value: Any, hint) -> tuple[bool, Any, str]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value), ""
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
             try:
-                return True, float(value), ""
+                number = float(value)
             except ValueError:
                 pass
-        return False, value, "a number"
+        if number is not None and math.isfinite(number):
+            return True, number, ""
+        return False, value, "a finite number"
     if hint is str:
         return isinstance(value, str), value, "a string"
     return True, value, ""
@@ -351,6 +403,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.algorithm != "sapo" or cfg.task.name != "file" or bool(cfg.task.reference_field),
           "task.reference_field", "is required for SAPO on a prompt file (the chosen responses)")
     check(cfg.task.eval_size >= 1, "task.eval_size", "must be >= 1")
+    check(cfg.task.max_prompt_chars >= 1, "task.max_prompt_chars", "must be >= 1")
+    check(bool(cfg.model.policy.strip()), "model.policy", "must name a model (tiny, a directory or a hub id)")
+    check(bool(cfg.out_dir.strip()), "out_dir", "must not be empty")
     check(cfg.task.min_items >= 1, "task.min_items", "must be >= 1")
     check(cfg.task.max_items >= cfg.task.min_items, "task.max_items", "must be >= task.min_items")
 
@@ -384,6 +439,8 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     for placeholder in ("{prompt}", "{response}"):
         check(placeholder in cfg.srpo.revision_template, "srpo.revision_template",
               f"must contain {placeholder}")
+    template_problem = _template_problem(cfg.srpo.revision_template)
+    check(template_problem is None, "srpo.revision_template", template_problem or "")
 
     check(cfg.train.lr > 0, "train.lr", "must be > 0")
     check(cfg.train.batch_size >= cfg.resources.num_learners, "train.batch_size",
@@ -396,6 +453,11 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     check(cfg.train.sync_every >= 1, "train.sync_every", "must be >= 1")
     check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    check(cfg.train.checkpoint_every % cfg.train.sync_every == 0, "train.checkpoint_every",
+          f"must be a multiple of train.sync_every ({cfg.train.sync_every}): a resumed run's generators then serve "
+          "exactly the checkpoint's weights")
+    check(cfg.train.max_resumes >= 0, "train.max_resumes", "must be >= 0")
+    check(cfg.resources.max_restarts >= 0, "resources.max_restarts", "must be >= 0")
 
     check(cfg.replay.capacity >= cfg.resources.replay_shards, "replay.capacity",
           f"must be >= resources.replay_shards ({cfg.resources.replay_shards})")
@@ -410,8 +472,82 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     return errors
 
 
+def _template_problem(template: str) -> str | None:
+    """Why str.format would fail on the revision template mid-run (an unknown {name}, a lone brace), or None."""
+    braces = "write {{ and }} for literal braces"
+    try:
+        template.format(prompt="p", response="r")
+    except KeyError as e:
+        return f"has an unknown placeholder {{{e.args[0]}}} (only {{prompt}} and {{response}}; {braces})"
+    except (ValueError, IndexError) as e:
+        return f"is not a valid format string ({e}; {braces})"
+    return None
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resources against a cluster (checked before any actor starts)
+
+_ROLES = (  # (role, count key, per-actor key prefix)
+    ("generator", "num_generators"),
+    ("learner", "num_learners"),
+    ("judge", "num_judges"),
+    ("replay", "replay_shards"),
+)
+
+
+def resource_demand(cfg: Config) -> dict[str, list[tuple[str, float, int]]]:
+    """What the run's actors ask Ray for: {"CPU"|"GPU": [(per-actor key, amount per actor, actor count)]}."""
+    r = cfg.resources
+    demand: dict[str, list[tuple[str, float, int]]] = {"CPU": [], "GPU": []}
+    for role, count_key in _ROLES:
+        count = getattr(r, count_key)
+        demand["CPU"].append((f"resources.{role}_cpus", getattr(r, f"{role}_cpus"), count))
+        if role != "replay":  # replay shards ask for CPUs only
+            demand["GPU"].append((f"resources.{role}_gpus", getattr(r, f"{role}_gpus"), count))
+    return demand
+
+
+def check_resources(cfg: Config, available: dict[str, float],
+                    nodes: list[dict[str, float]] | None = None) -> None:
+    """Raise ConfigError (a ValueError) when the configured actors cannot all be placed on the cluster.
+
+    `available` is `ray.cluster_resources()` ({"CPU": 16.0, "GPU": 8.0, ...}; a missing key means 0). Pure:
+    no Ray call, so the driver can run it before it starts any actor. Checks, naming the fields:
+      - the sum over roles of per-actor × count (resources.<role>_gpus × resources.num_<role>s, …) for GPUs and
+        CPUs against the cluster total;
+      - with `nodes` (the "Resources" of each alive entry of `ray.nodes()`), that every single actor fits on at
+        least one node (an actor cannot span nodes: 4 GPUs per generator need a node with 4 GPUs).
+    """
+    problems: list[str] = []
+    demand = resource_demand(cfg)
+    for kind, unit in (("GPU", "GPU(s)"), ("CPU", "CPU(s)")):
+        terms = [(key, per, n) for key, per, n in demand[kind] if per * n > 0]
+        need = sum(per * n for _, per, n in terms)
+        have = float(available.get(kind, 0.0) or 0.0)
+        if need > have + 1e-6:
+            parts = " + ".join(f"{key} × {_count_key(key)} ({per:g} × {n} = {per * n:g})" for key, per, n in terms)
+            problems.append(f"{parts} = {need:g} {unit}, but the cluster has {have:g} {unit}")
+    if nodes:
+        for kind, per_actor in demand.items():
+            biggest = max((float(node.get(kind, 0.0) or 0.0) for node in nodes), default=0.0)
+            for key, per, n in per_actor:
+                if n and per > biggest + 1e-6:
+                    problems.append(f"{key} = {per:g}: no node has that many {kind}s for one actor "
+                                    f"(the largest node has {biggest:g})")
+    if problems:
+        raise ConfigError(
+            "the configured actors do not fit on this Ray cluster:\n  " + "\n  ".join(problems)
+            + "\n  lower the resources.* counts or per-actor amounts (or --set them), or add nodes"
+        )
+
+
+def _count_key(per_actor_key: str) -> str:
+    role = per_actor_key.split(".")[1].rsplit("_", 1)[0]
+    return "resources." + dict(_ROLES)[role]

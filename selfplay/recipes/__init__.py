@@ -5,6 +5,8 @@ Every recipe has the same three parts, so the driver runs all three algorithms w
   - `request(generator, prompts)`: the generator call for a batch of prompts (a Ray ObjectRef);
   - `groups(results)`: generator results → judge groups {prompt_id, prompt, candidates, policy_version, …}.
 The judge turns groups into replay rows; the learners apply the recipe's loss (`selfplay.objectives`).
+Generator output is normalized to text on the way (`selfplay.recipes.base`): an empty or missing response is the
+empty string, judged as losing, never a crash (see there).
 """
 
 from selfplay.recipes.sapo import SAPORecipe

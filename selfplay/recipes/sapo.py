@@ -7,6 +7,8 @@ The judge sees [chosen, rejected] (K = 2): it filters pairs where the regenerate
 
 from __future__ import annotations
 
+from selfplay.recipes.base import text_of
+
 
 class SAPORecipe:
     name = "sapo"
@@ -29,7 +31,7 @@ class SAPORecipe:
     def groups(self, results: list[dict]) -> list[dict]:
         return [
             {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-             "candidates": [r["chosen"], r["rejected"]]}
+             "candidates": [text_of(r.get("chosen")), text_of(r.get("rejected"))]}
             for r in results
         ]
 

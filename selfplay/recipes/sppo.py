@@ -5,6 +5,8 @@ The reference model is the policy at the start of each iteration (`iterations` Ã
 
 from __future__ import annotations
 
+from selfplay.recipes.base import texts_of
+
 
 class SPPORecipe:
     name = "sppo"
@@ -24,7 +26,7 @@ class SPPORecipe:
     def groups(self, results: list[dict]) -> list[dict]:
         return [
             {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-             "candidates": [s["text"] for s in r["samples"]]}
+             "candidates": texts_of(r.get("samples"))}
             for r in results
         ]
 

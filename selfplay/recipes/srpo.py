@@ -6,6 +6,8 @@ SRPO loss trains both self-revision (y_w | y_l, …) and direct generation on it
 
 from __future__ import annotations
 
+from selfplay.recipes.base import texts_of
+
 
 class SRPORecipe:
     name = "srpo"
@@ -24,12 +26,17 @@ class SRPORecipe:
 
     def groups(self, results: list[dict]) -> list[dict]:
         # candidates: the K answers and the last revision of the first; the revision's "previous" is that answer
-        return [
-            {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-             "candidates": [*r["samples"], r["chain"][-1]],
-             "candidates_prev": [None] * len(r["samples"]) + [r["chain"][-2]]}
-            for r in results
-        ]
+        out = []
+        for r in results:
+            samples, chain = texts_of(r.get("samples")), texts_of(r.get("chain"))
+            if len(chain) < 2:  # no revision came back: the K answers alone (the judge skips K < 2, counted)
+                out.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
+                            "candidates": samples})
+                continue
+            out.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
+                        "candidates": [*samples, chain[-1]],
+                        "candidates_prev": [None] * len(samples) + [chain[-2]]})
+        return out
 
     def refresh_reference(self, step: int, total_steps: int) -> bool:
         return False
