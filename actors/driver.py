@@ -31,9 +31,9 @@ from actors.metrics import RunMetrics, plot
 from actors.remote import ActorDiedError, get_all, wait_restarted
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
-from selfplay.config import Config
+from selfplay.config import Config, check_resources
 from selfplay.recipes import make_recipe
-from selfplay.tasks import Prompt, load_prompts, make_task
+from selfplay.tasks import Prompt, load_task_prompts, make_task
 
 
 class PromptStream:
@@ -68,7 +68,10 @@ class Counters:
     samples_generated: int = 0  # responses sampled
     groups_judged: int = 0
     rows_added: int = 0  # replay rows acknowledged by the buffer
-    skipped_ties: int = 0
+    skipped_ties: int = 0  # judged groups without a row: the judge could not tell the candidates apart,
+    skipped_invalid: int = 0  # … it returned NaN / inf / an out-of-range probability,
+    skipped_empty: int = 0  # … or every candidate was empty
+    empty_responses: int = 0  # empty candidates, judged as losing without asking the judge
     samples_trained: int = 0
     learner_steps: int = 0
     weight_syncs: int = 0
@@ -110,13 +113,20 @@ class Driver:
         self._resume_state: dict[str, Any] | None = None
         self._restarts_before: dict[str, int] = {}  # restarts before the last resume
         self.backlog: list[Request] = []  # requests to send before new ones (in flight at a resumed checkpoint)
+        self.prompts_skipped = 0  # bad records of a prompt file skipped with task.skip_bad_records
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     def _prompts(self) -> tuple[list[Prompt], list[Prompt], Any]:
         cfg = self.cfg
         if cfg.task.name == "file":
-            prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field, reference_field=cfg.task.reference_field)
+            prompts = load_task_prompts(cfg.task, cfg.algorithm)
+            self.prompts_skipped = prompts.skipped
+            for problem in prompts.problems[:5]:
+                self.log(f"[selfplay] skipped {problem}")
+            if prompts.skipped:
+                self.log(f"[selfplay] {prompts.skipped} bad record(s) of {cfg.task.path} skipped "
+                         "(task.skip_bad_records); the first ones are listed above")
             # held-out by a hash of the prompt id: stable whatever the file order
             held = [p for p in prompts if int(p.prompt_id[:8], 16) % 1000 < cfg.task.heldout_fraction * 1000]
             train = [p for p in prompts if p not in held]
@@ -200,6 +210,8 @@ class Driver:
         cfg = self.cfg
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        # an impossible layout (more GPUs than the cluster has) fails here, naming the fields, not as a hang
+        check_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
         self.recipe = make_recipe(cfg)
         self.train_prompts, self.eval_prompts, self.task = self._prompts()
         self.stream = PromptStream(self.train_prompts, cfg.seed)
@@ -315,7 +327,8 @@ class Driver:
 
     def _store(self, verdict: dict) -> None:
         self.counters.groups_judged += len(verdict["verdicts"])
-        self.counters.skipped_ties += verdict["skipped_ties"]
+        for key in ("skipped_ties", "skipped_invalid", "skipped_empty", "empty_responses"):
+            setattr(self.counters, key, getattr(self.counters, key) + verdict.get(key, 0))
         self.counters.rows_added += self.replay.add(verdict["rows"])
 
     # -- the two schedules ----------------------------------------------------------------------------------------
@@ -406,7 +419,8 @@ class Driver:
             c = self.counters
             raise RuntimeError(
                 f"only {rows.num_rows} preference pairs for a batch of {self.cfg.train.batch_size}: of "
-                f"{c.groups_judged} judged prompts, {c.skipped_ties} had candidates the judge could not tell apart. "
+                f"{c.groups_judged} judged prompts, {c.skipped_ties} had candidates the judge could not tell apart, "
+                f"{c.skipped_invalid} got an invalid judgement (NaN/inf) and {c.skipped_empty} had only empty responses. "
                 "The policy's samples are too alike (warm it up more, or raise generation.temperature / the K)."
             )
         return {**self.learners.train_step(rows), "_rows": rows}
@@ -566,7 +580,8 @@ class Driver:
             "requests_reissued": c.requests_reissued, "rows_added": c.rows_added,
             # acknowledged rows the buffer no longer accounts for (in it, sampled away, evicted or dropped): 0
             "rows_lost": c.rows_added - stats["added"], "rows_replayed_after_restart": self.replay.replayed_rows,
-            "skipped_ties": c.skipped_ties, "generate_train_overlap_seconds": round(self.overlap(), 3),
+            "skipped_ties": c.skipped_ties, "skipped_invalid": c.skipped_invalid, "skipped_empty": c.skipped_empty,
+            "empty_responses": c.empty_responses, "prompts_skipped": self.prompts_skipped, "generate_train_overlap_seconds": round(self.overlap(), 3),
             "rows_evicted": stats["evicted"], "rows_retired": stats["retired"], **self.utilization,
             "evals": self.evals,
         }

@@ -28,6 +28,8 @@ from selfplay.segments import sample_cut_points, splice_segment
 from selfplay.tasks import Prompt, chat_prompt, make_prompt_id
 from selfplay.weights import WeightSyncError, unpack_buckets
 
+BUCKET_FETCH_TIMEOUT_S = 600.0  # one published bucket, from the object store
+
 
 def _as_prompts(prompts: list[Prompt | str]) -> list[Prompt]:
     return [p if isinstance(p, Prompt) else Prompt(make_prompt_id(p), p) for p in prompts]
@@ -181,7 +183,12 @@ class GeneratorActor:
         if version <= self.policy_version:
             raise WeightSyncError(f"generator {self.index}: version {version} is not newer than {self.policy_version}")
         start = time.perf_counter()
-        tensors = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
+        try:  # a learner that died after publishing must not leave this actor blocked forever
+            tensors = [ray.get(b, timeout=BUCKET_FETCH_TIMEOUT_S) if isinstance(b, ray.ObjectRef) else b
+                       for b in buckets]
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as e:
+            raise WeightSyncError(f"generator {self.index}: version {version} could not be fetched, still serving "
+                                  f"{self.policy_version}: {type(e).__name__}") from None
         try:
             state = unpack_buckets(tensors, manifest, checksums, expected=self.backend.param_specs())
         except WeightSyncError as e:

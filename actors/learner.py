@@ -89,7 +89,7 @@ class LearnerActor:
 
         import deepspeed
 
-        from selfplay.models import load_policy_and_tokenizer
+        from selfplay.models import load_policy_and_tokenizer, weights_only_checkpoint_loading
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
@@ -117,6 +117,8 @@ class LearnerActor:
         self.ema = _frozen_copy(model) if cfg.algorithm == "sapo" else None
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, self.world_size, self.on_gpu))
+        # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
+        weights_only_checkpoint_loading(self.engine)
         self.step = 0
         self.version = 0
         n = sum(p.numel() for p in model.parameters())
@@ -274,7 +276,10 @@ class LearnerActor:
     def load_checkpoint(self, directory: str) -> dict[str, int]:
         from safetensors.torch import load_file
 
+        from selfplay.models import check_checkpoint_compatible
+
         src = Path(directory)
+        check_checkpoint_compatible(src, self.engine.module)  # a clear error for another model's checkpoint
         self.engine.load_checkpoint(str(src / "deepspeed"), tag="latest", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
         for w in ("ema", "reference"):

@@ -143,7 +143,7 @@ class ResourcesConfig:
     judge_gpus: float = 0.0
     judge_cpus: float = 1.0
     replay_cpus: float = 0.5
-    max_restarts: int = 3  # generators, judges and replay shards: restarts (each role, in all) before the run fails
+    max_restarts: int = 3  # per generator, judge and replay shard: restarts by Ray before its death fails the run
 
 
 @dataclass

@@ -37,9 +37,16 @@ def answer(model, tokenizer, prompts: list[Prompt], *, revisions: int = 0, templ
 
 
 def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[str, float]:
-    """Mean P(a ≻ b) with its standard error, and the wins/ties/losses behind it."""
+    """Mean P(a ≻ b) with its standard error, and the wins/ties/losses behind it. Comparisons the judge could not
+    score (NaN / inf / outside [0, 1]) are left out and counted in `invalid`, so one bad score cannot make the
+    whole evaluation NaN."""
     p = judge.compare([x.text for x in prompts], a, b).double()
-    n = len(prompts)
+    valid = torch.isfinite(p) & (p >= 0) & (p <= 1)
+    invalid = int((~valid).sum())
+    p = p[valid]
+    n = len(p)
+    if n == 0:
+        raise ValueError(f"the judge returned no valid score for any of the {len(prompts)} evaluation comparisons")
     return {
         "winrate": p.mean().item(),
         "stderr": (p.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan"),
@@ -47,6 +54,7 @@ def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[s
         "ties": int((p == 0.5).sum()),
         "losses": int((p < 0.5).sum()),
         "n": n,
+        "invalid": invalid,
     }
 
 

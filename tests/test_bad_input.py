@@ -4,6 +4,7 @@ the problem (file, line, field) or a counted skip — never a crash mid-run, nev
 Real components throughout: real files, the tiny model and tokenizer, real rule and PairRM judges.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -106,6 +107,18 @@ def test_resources_that_fit_pass_including_fractions():
     cfg = load_config(None, ["resources.num_generators=3", "resources.generator_gpus=0.1",
                              "resources.judge_gpus=0.7"])
     check_resources(cfg, {"CPU": 8.0, "GPU": 1.0})  # 0.1 × 3 + 0.7 is 1.0000000000000002 in floats
+
+
+def test_driver_refuses_an_impossible_layout_before_starting_anything(ray_cluster, tmp_path):
+    from actors.driver import Driver
+    from selfplay.demo import demo_config
+
+    cfg = demo_config("sppo")
+    cfg = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, generator_gpus=1))
+    with pytest.raises(ConfigError, match=r"resources.generator_gpus × resources.num_generators .* but the cluster "
+                                          r"has 0 GPU"):
+        Driver(cfg, tmp_path / "run").run()
+    assert not (tmp_path / "run" / "initial_policy").exists()  # refused before the warm-up and any actor
 
 
 # -- 3. prompt files ---------------------------------------------------------------------------------------
@@ -343,6 +356,18 @@ def test_nan_judge_output_is_a_counted_skip_never_a_nan_row(nan_pairrm_dir):
         assert all(math.isfinite(x) for x in table.column(col).to_pylist())
     with pytest.raises(ValueError, match="NaN"):  # the strict API still refuses
         judge.matrix([PROMPT], [["1 2", "banana"]])
+
+
+def test_evaluation_leaves_out_nan_comparisons_and_counts_them(nan_pairrm_dir):
+    from selfplay.evaluate import win_rate
+    from selfplay.tasks import Prompt
+
+    judge = PairRMJudge(nan_pairrm_dir, batch_size=8)
+    prompts = [Prompt(prompt_id=str(i), text=PROMPT) for i in range(3)]
+    result = win_rate(judge, prompts, ["1 3 7 9", "banana", "3 1"], ["1 3", "7", "1 9"])
+    assert result["invalid"] == 1 and result["n"] == 2 and math.isfinite(result["winrate"])
+    with pytest.raises(ValueError, match="no valid score"):
+        win_rate(judge, prompts[:1], ["banana"], ["7"])
 
 
 class OverconfidentJudge(RuleJudge):

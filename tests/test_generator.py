@@ -100,6 +100,30 @@ def test_corrupted_or_mismatched_update_is_refused_and_old_version_serves(genera
     assert ray.get(gen.stats.remote())["weight_refusals"] >= 2
 
 
+def test_a_restarted_generator_serves_nothing_until_it_has_the_current_weights(ray_cluster, warm_policy_dir):
+    import ray
+
+    from actors.generator import GeneratorActor
+    from actors.remote import ActorDiedError, get_all, wait_restarted
+
+    cfg = load_config(None, ["generation.max_new_tokens=8"])
+    gen = GeneratorActor.options(num_cpus=0.25, max_restarts=1).remote(cfg.to_dict(), str(warm_policy_dir), 7)
+    state = ray.get(gen.weights.remote())
+    packed = pack_buckets(noised(state, seed=5))
+    assert ray.get(gen.load_weights.remote(3, packed.buckets, packed.manifest, packed.checksums)) == 3
+    served = ray.get(gen.sample.remote(PROMPTS[:2], k=1, temperature=0.0))
+    pid = ray.get(gen.stats.remote())["pid"]
+    ray.kill(gen, no_restart=False)
+    back = wait_restarted(gen, 300, "generator", 7)
+    assert back["pid"] != pid and back["policy_version"] == 0  # a fresh process with the initial weights...
+    with pytest.raises(ActorDiedError, match="generator 7: .*does not have the current weights"):
+        get_all({7: gen.sample.remote(PROMPTS[:2], k=1, temperature=0.0)}, 60, "generate", "generator")  # ...refuses
+    assert ray.get(gen.load_weights.remote(3, packed.buckets, packed.manifest, packed.checksums)) == 3
+    again = ray.get(gen.sample.remote(PROMPTS[:2], k=1, temperature=0.0))
+    assert [r["samples"] for r in again] == [r["samples"] for r in served]  # the same policy as before the kill
+    ray.kill(gen)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segment_rollout_splices_policy_segment_into_chosen(generators, backend, warm_policy_dir):
     import ray
