@@ -1,6 +1,7 @@
 """GeneratorActor on both backends (transformers and vLLM) on the session's Ray cluster."""
 
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -113,8 +114,13 @@ def test_a_restarted_generator_serves_nothing_until_it_has_the_current_weights(r
     assert ray.get(gen.load_weights.remote(3, packed.buckets, packed.manifest, packed.checksums)) == 3
     served = ray.get(gen.sample.remote(PROMPTS[:2], k=1, temperature=0.0))
     pid = ray.get(gen.stats.remote())["pid"]
-    ray.kill(gen, no_restart=False)
+    ray.kill(gen, no_restart=False)  # asynchronous: the old process may still answer for a moment
     back = wait_restarted(gen, 300, "generator", 7)
+    for _ in range(600):
+        if back["pid"] != pid:
+            break
+        time.sleep(0.1)
+        back = wait_restarted(gen, 300, "generator", 7)
     assert back["pid"] != pid and back["policy_version"] == 0  # a fresh process with the initial weights...
     with pytest.raises(ActorDiedError, match="generator 7: .*does not have the current weights"):
         get_all({7: gen.sample.remote(PROMPTS[:2], k=1, temperature=0.0)}, 60, "generate", "generator")  # ...refuses
