@@ -82,7 +82,8 @@ def tables(results: dict[str, dict]) -> str:
                 [[x["layout"], mode, x[mode]["samples_trained_per_s"], f"{x[mode]['generator_idle_fraction']:.0%}",
                   f"{x[mode]['learner_idle_fraction']:.0%}", x[mode]["loop_seconds"],
                   f"**{x['async_over_sync']:.2f}×**" if mode == "async" else ""]
-                 for x in rows for mode in ("sync", "async")]))
+                 for x in rows if "skipped" not in x for mode in ("sync", "async")]))
+            out += [f"\n{x['layout']}: not measured, {x['skipped']}." for x in rows if "skipped" in x]
         elif name == "peer":
             out.append(_table(
                 ["system", "pairs trained/s", "distinct pairs judged", "win rate vs initial", "task score"],
@@ -130,7 +131,7 @@ def plots(results: dict[str, dict], directory: Path) -> list[Path]:
 
     ok = {n: r for n, r in results.items() if r.get("results") or n == "peer" and "ours" in r}
     if "pipeline" in ok:
-        rows = ok["pipeline"]["results"]
+        rows = [r for r in ok["pipeline"]["results"] if "skipped" not in r]
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
         x = range(len(rows))
         for offset, mode in ((-0.2, "sync"), (0.2, "async")):
@@ -200,6 +201,9 @@ def plots(results: dict[str, dict], directory: Path) -> list[Path]:
 def headline(results: dict[str, dict]) -> list[str]:
     lines = []
     for row in results.get("pipeline", {}).get("results", []):
+        if "skipped" in row:
+            lines.append(f"pipeline {row['layout']}: not measured, {row['skipped']}")
+            continue
         a = row["async"]
         lines.append(f"pipeline {row['layout']}: async/sync = {row['async_over_sync']:.2f}× samples trained/s "
                      f"(target 1.6×); async idle: generators {a['generator_idle_fraction']:.0%}, learner "

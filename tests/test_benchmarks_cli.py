@@ -1,0 +1,39 @@
+"""`python -m benchmarks`: runs the chosen benchmarks for real, writes the JSON, the plots and the generated block
+of the docs page, and leaves the hand-written rest of the page alone."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_aggregator_writes_json_plots_and_only_its_block_of_the_page(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nHand-written analysis.\n\n<!-- benchmarks:begin -->\nold tables\n"
+                    "<!-- benchmarks:end -->\n\nMore hand-written text.\n")
+    out, plots = tmp_path / "all.json", tmp_path / "img"
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "replay", "--out", str(out),
+                          "--plots", str(plots), "--docs", str(page)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["command"] == "python -m benchmarks --quick --only replay"
+    rows = data["benchmarks"]["replay"]["results"]
+    assert {r["shards"] for r in rows} == {1, 4} and all(r["sample_rows_per_s"] > 0 for r in rows)
+    assert (plots / "bench-replay.png").stat().st_size > 1000
+    text = page.read_text()
+    assert "old tables" not in text and "Hand-written analysis." in text and "More hand-written text." in text
+    assert f"| {rows[0]['rows']:,} | {rows[0]['shards']} |" in text
+    assert "[benchmarks]" in run.stdout
+
+
+def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "replay,pipelin"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown benchmark(s) ['pipelin']" in run.stderr
