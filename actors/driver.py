@@ -552,7 +552,7 @@ class Driver:
                                                  f"{record['initial_task_score']:.3f})" if self.task else ""))
         return record
 
-    def _utilization(self, loop_seconds: float) -> dict[str, float]:
+    def _utilization(self, loop_seconds: float) -> dict[str, Any]:
         """Throughput and idle fractions of the training loop (set-up, final checkpoint and eval excluded). Busy
         time is measured inside the actors: generating or loading weights; training, publishing weights."""
         generators = get_all({i: g.stats.remote() for i, g in enumerate(self.generators)}, 60, "stats", "generator")
@@ -565,6 +565,7 @@ class Driver:
             "samples_generated_per_s": self.counters.samples_generated / loop_seconds,
             "generator_idle_fraction": 1 - sum(busy_g) / (len(busy_g) * loop_seconds),
             "learner_idle_fraction": 1 - sum(busy_l) / (len(busy_l) * loop_seconds),
+            "generator_versions": [generators[i]["policy_version"] for i in sorted(generators)],  # served at the end
         }
 
     def _summary(self, wall: float) -> dict[str, Any]:

@@ -212,6 +212,7 @@ class GeneratorActor:
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,
+                "awaiting_weights": self.awaiting_weights,  # restarted, not yet given the current weights
                 "pid": os.getpid(), **self.counters}  # a new pid: Ray restarted this generator
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -280,18 +280,29 @@ class ReplayBuffer:
         refs = {i: getattr(self.shards[i], c[0]).remote(*c[1:]) for i, c in calls.items()}
         out = {}
         for i, ref in refs.items():
-            try:
-                out[i] = get_all({i: ref}, self.timeout_s, what, "replay shard")[i]
-            except ActorDiedError:
-                if self.restarts >= self.max_restarts:
-                    raise
-                self._recover(i)
-                out[i] = get_all({i: getattr(self.shards[i], calls[i][0]).remote(*calls[i][1:])}, self.timeout_s,
-                                 what, "replay shard")[i]
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                try:
+                    out[i] = get_all({i: ref}, self.timeout_s, what, "replay shard")[i]
+                    break
+                except ActorDiedError:
+                    if self.restarts >= self.max_restarts or time.monotonic() > deadline:
+                        raise
+                    try:
+                        self._recover(i)
+                    except ActorDiedError:  # died again while it was being restored: start over
+                        if time.monotonic() > deadline:
+                            raise
+                        continue
+                    ref = getattr(self.shards[i], calls[i][0]).remote(*calls[i][1:])
         return out
 
     def _recover(self, i: int) -> None:
-        wait_restarted(self.shards[i], self.timeout_s, "replay shard", i)
+        """Restore restarted shard i. A dying process may still answer for a moment (`ray.kill` and crashes are
+        asynchronous): only a shard that says it awaits its rows is restored and counted."""
+        if not wait_restarted(self.shards[i], self.timeout_s, "replay shard", i)["awaiting_restore"]:
+            time.sleep(0.1)  # the old process, not yet gone: the call is issued again and tells
+            return
         self.restarts += 1
         get_all({i: self.shards[i].restore.remote(self._snapshot_files.get(i))}, self.timeout_s, "restore",
                 "replay shard")

@@ -214,21 +214,35 @@ class WeightSync:
 
     def restore_generator(self, i: int) -> None:
         """Generator i was restarted by Ray and serves its initial weights: load the newest published version
-        into it (its next request is queued behind this load)."""
-        served = wait_restarted(self.generators[i], self.timeout_s, "generator", i)["policy_version"]
-        self.generator_versions[i] = served
-        if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
-            get_all({i: self.generators[i].serve_initial_weights.remote()}, self.timeout_s, "restart", "generator")
-            return
-        if self.transport != "object_store":
-            raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport cannot "
-                               "bring it the current weights; use the object_store transport for restartable "
-                               "generators, or resume the run from its last checkpoint")
-        pub = self.last_published
-        if pub is None:  # the first push is still being published: its loads bring the weights
-            return
-        ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
-        self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}", "generator")[i]
+        into it (its next request is queued behind this load). `ray.kill` and crashes are asynchronous: the dying
+        process may still answer for a moment, or the new one die again; recovery waits for a process that says
+        it needs weights, and starts over if that one dies too."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            state = wait_restarted(self.generators[i], max(1.0, deadline - time.monotonic()), "generator", i)
+            self.generator_versions[i] = state["policy_version"]
+            if not state["awaiting_weights"]:  # the old process, not yet gone (its next call fails: we come back)
+                return
+            if self.transport != "object_store" and self.latest_version:
+                raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport "
+                                   "cannot bring it the current weights; use the object_store transport for "
+                                   "restartable generators, or resume the run from its last checkpoint")
+            pub = self.last_published
+            if self.latest_version and pub is None:  # the first push is still being published: its loads bring them
+                return
+            try:
+                if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
+                    get_all({i: self.generators[i].serve_initial_weights.remote()}, self.timeout_s, "restart",
+                            "generator")
+                else:
+                    ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"],
+                                                                 pub["checksums"])
+                    self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
+                                                         "generator")[i]
+                return
+            except ActorDiedError:  # died again during its recovery: Ray restarts it once more (or gives up)
+                if time.monotonic() > deadline:
+                    raise
 
     def version_lag(self, learner_version: int) -> dict[int, int]:
         """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""

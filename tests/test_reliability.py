@@ -74,7 +74,8 @@ def test_killed_generator_judge_and_replay_shard_are_restarted_and_nothing_is_lo
     assert summary["actor_restarts"] == {"generator": 1, "judge": 1, "replay_shard": 1}
     assert summary["rows_lost"] == 0  # every acknowledged row is in the buffer, or was sampled/evicted/retired
     assert summary["requests_reissued"] >= 1  # the generator's in-flight request was sent again, not dropped
-    # the restarted generator got the newest weights before serving: it ends at the final version like the others
+    # the restarted generator rejoined the weight pushes: it ends serving the final version
+    assert summary["generator_versions"] == [cfg.train.steps] * cfg.resources.num_generators
     assert json.loads((out / "summary.json").read_text())["actor_restarts"] == summary["actor_restarts"]
 
 
