@@ -582,7 +582,8 @@ class Driver:
             # acknowledged rows the buffer no longer accounts for (in it, sampled away, evicted or dropped): 0
             "rows_lost": c.rows_added - stats["added"], "rows_replayed_after_restart": self.replay.replayed_rows,
             "skipped_ties": c.skipped_ties, "skipped_invalid": c.skipped_invalid, "skipped_empty": c.skipped_empty,
-            "empty_responses": c.empty_responses, "prompts_skipped": self.prompts_skipped, "generate_train_overlap_seconds": round(self.overlap(), 3),
+            "empty_responses": c.empty_responses, "prompts_skipped": self.prompts_skipped,
+            "generate_train_overlap_seconds": round(self.overlap(), 3),
             "rows_evicted": stats["evicted"], "rows_retired": stats["retired"], **self.utilization,
             "evals": self.evals,
         }

@@ -203,15 +203,22 @@ class LearnerActor:
         with self._gathered() if which == "policy" else contextlib.nullcontext():
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
 
+    def _pack(self, which: str, bucket_bytes: int, bump: bool):
+        """Every rank gathers (a collective under ZeRO-3); rank 0 returns the weights packed as the next version
+        (bump=False: the current version again, for generators joining after a resume), the others None."""
+        state = self.full_state(which)
+        if self.rank != 0:
+            return None
+        self.version += int(bump)
+        return pack_buckets(state, bucket_bytes)
+
     def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20, bump: bool = True) -> dict[str, Any] | None:
         """Gather full weights and put them in the object store as buckets. Collective under ZeRO-3: every rank
         calls it; rank 0 returns {version, manifest, checksums, buckets: [ObjectRef]}, the others None."""
         start = time.perf_counter()
-        state = self.full_state(which)
-        if self.rank != 0:
+        packed = self._pack(which, bucket_bytes, bump)
+        if packed is None:
             return None
-        self.version += int(bump)  # bump=False: the current version again (generators joining after a resume)
-        packed = pack_buckets(state, bucket_bytes)
         published = {
             "version": self.version,
             "manifest": packed.manifest,
@@ -234,11 +241,9 @@ class LearnerActor:
         """Like `publish`, but rank 0 broadcasts the buckets to the generators in a background thread and
         returns at once; the next train_step runs while generators receive."""
         start = time.perf_counter()
-        state = self.full_state(which)
-        if self.rank != 0:
+        packed = self._pack(which, bucket_bytes, bump)
+        if packed is None:
             return None
-        self.version += int(bump)  # bump=False: the current version again (generators joining after a resume)
-        packed = pack_buckets(state, bucket_bytes)
         self.sender.start(self.version, packed)
         self._busy_since(start)
         return {"version": self.version, "nbytes": packed.nbytes, "buckets": len(packed.buckets)}

@@ -304,12 +304,15 @@ class ReplayBuffer:
             time.sleep(0.1)  # the old process, not yet gone: the call is issued again and tells
             return
         self.restarts += 1
-        get_all({i: self.shards[i].restore.remote(self._snapshot_files.get(i))}, self.timeout_s, "restore",
-                "replay shard")
+
+        def call(method: str, *args):  # no recovery inside a recovery: a death here goes back to `_call`
+            return get_all({i: getattr(self.shards[i], method).remote(*args)}, self.timeout_s, method, "replay shard")
+
+        call("restore", self._snapshot_files.get(i))
         for part in self._since_snapshot[i]:
-            get_all({i: self.shards[i].add.remote(part)}, self.timeout_s, "replay", "replay shard")
+            call("add", part)
         if self._trimmed[i]:  # acknowledged rows no longer in the log were past the FIFO window: count them evicted
-            get_all({i: self.shards[i].count_evicted.remote(self._trimmed[i])}, self.timeout_s, "replay", "replay shard")
+            call("count_evicted", self._trimmed[i])
         self.replayed_rows += sum(p.num_rows for p in self._since_snapshot[i])
 
     def _log_rows(self, i: int, part: pa.Table) -> None:

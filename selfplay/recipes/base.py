@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfplay.judges.base import response_text
+
 
 def text_of(sample: Any) -> str:
     """A generated response as text: a sample dict's "text", a plain string, or "" for None / a missing text."""
-    if isinstance(sample, dict):
-        sample = sample.get("text")
-    if sample is None:
-        return ""
-    if not isinstance(sample, str):
-        raise ValueError(f"a generated response must be text, got {type(sample).__name__}")
-    return sample
+    return response_text(sample.get("text") if isinstance(sample, dict) else sample)
 
 
 def texts_of(samples: Any) -> list[str]:

@@ -29,13 +29,11 @@ class SRPORecipe:
         out = []
         for r in results:
             samples, chain = texts_of(r.get("samples")), texts_of(r.get("chain"))
-            if len(chain) < 2:  # no revision came back: the K answers alone (the judge skips K < 2, counted)
-                out.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-                            "candidates": samples})
-                continue
-            out.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
-                        "candidates": [*samples, chain[-1]],
-                        "candidates_prev": [None] * len(samples) + [chain[-2]]})
+            group = {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "policy_version": r["policy_version"],
+                     "candidates": samples}  # no revision came back: the K answers alone (K < 2 is a counted skip)
+            if len(chain) >= 2:
+                group.update(candidates=[*samples, chain[-1]], candidates_prev=[None] * len(samples) + [chain[-2]])
+            out.append(group)
         return out
 
     def refresh_reference(self, step: int, total_steps: int) -> bool:
