@@ -524,25 +524,18 @@ class Driver:
 
     def _evaluate(self, final_dir: Path | None = None) -> dict[str, Any]:
         """Current policy vs the initial one on held-out prompts (the task judge, or the configured judge)."""
-        import torch
-
-        from selfplay.evaluate import head_to_head
+        from selfplay.evaluate import against_initial
         from selfplay.judges import make_judge
         from selfplay.models import load_causal_lm, load_tokenizer
 
         cfg = self.cfg
         tok = load_tokenizer(self.initial_policy, cfg.model.trust_remote_code)
-        initial = load_causal_lm(self.initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
-        if final_dir is not None:
-            current = load_causal_lm(str(final_dir), cfg.model.dtype, cfg.model.trust_remote_code, tok)
-        else:
-            current = load_causal_lm(self.initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
+        current = load_causal_lm(str(final_dir or self.initial_policy), cfg.model.dtype, cfg.model.trust_remote_code,
+                                 tok)
+        if final_dir is None:
             current.load_state_dict(self.learners.full_state(), strict=False)
-        judge = make_judge(cfg.judge, cfg.task)
-        with torch.no_grad():
-            result = head_to_head(current, initial, tok, tok, self.eval_prompts, judge, seed=cfg.seed + 7,
-                                  task=self.task, max_new_tokens=cfg.generation.max_new_tokens,
-                                  temperature=cfg.eval.temperature, top_p=cfg.generation.top_p)
+        result = against_initial(cfg, current, self.initial_policy, self.eval_prompts, make_judge(cfg.judge, cfg.task),
+                                 self.task, tokenizer=tok)
         record = {"step": self.counters.learner_steps, "winrate_vs_initial": result["winrate"],
                   "stderr": result["stderr"], "task_score": result["task_score_a"],
                   "initial_task_score": result["task_score_b"], "n": result["n"]}

@@ -213,19 +213,6 @@ def run_ours(cfg, out_dir: Path) -> tuple[dict[str, Any], float]:
     return summary, float(records[-1]["time"])
 
 
-def evaluate_vs_initial(cfg, model, initial_policy: str, eval_prompts, judge, task) -> dict[str, Any]:
-    """The trained policy against the initial one, with the arguments Driver._evaluate uses."""
-    from selfplay.evaluate import head_to_head
-    from selfplay.models import load_causal_lm, load_tokenizer
-
-    tok = load_tokenizer(initial_policy, cfg.model.trust_remote_code)
-    initial = load_causal_lm(initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
-    with torch.no_grad():
-        return head_to_head(model, initial, tok, tok, eval_prompts, judge, seed=cfg.seed + 7, task=task,
-                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.eval.temperature,
-                            top_p=cfg.generation.top_p)
-
-
 # -- the benchmark -------------------------------------------------------------------------------------------------
 
 
@@ -233,6 +220,7 @@ def run(quick: bool = False, mode: str = "async", trl_threads: int = 1) -> dict[
     if importlib.util.find_spec("trl") is None:
         return dict(SKIPPED)
     from actors.driver import Driver
+    from selfplay.evaluate import against_initial
     from selfplay.judges import make_judge
 
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -253,7 +241,7 @@ def run(quick: bool = False, mode: str = "async", trl_threads: int = 1) -> dict[
         judge = make_judge(cfg.judge, cfg.task)
         _log(f"[peer] TRL online DPO for the same {budget:.1f}s of training")
         model, trl = run_trl(cfg, initial_policy, train_prompts, judge, budget, trl_threads, workdir / "trl")
-        result = evaluate_vs_initial(cfg, model, initial_policy, eval_prompts, judge, task)
+        result = against_initial(cfg, model, initial_policy, eval_prompts, judge, task)  # as the driver does
 
     ours = {
         "system": f"selfplay SPPO ({mode}, Ray actors: 1 generator, 1 judge, 1 replay shard, 1 DeepSpeed learner)",

@@ -72,3 +72,16 @@ def head_to_head(model_a, model_b, tokenizer_a, tokenizer_b, prompts, judge, *, 
         {"prompt": p.text, "a": x, "b": y} for p, x, y in list(zip(prompts, a.texts, b.texts))[:5]
     ]
     return result
+
+
+def against_initial(cfg, model, initial_policy: str, prompts: list[Prompt], judge, task=None, tokenizer=None) -> dict:
+    """`model` against the run's initial policy with the run's evaluation settings (`eval.temperature`, the
+    generation length, seed + 7): what the driver reports as `winrate_vs_initial`, reproducible outside it."""
+    from selfplay.models import load_causal_lm, load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(initial_policy, cfg.model.trust_remote_code)
+    initial = load_causal_lm(initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
+    with torch.no_grad():
+        return head_to_head(model, initial, tok, tok, prompts, judge, seed=cfg.seed + 7, task=task,
+                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.eval.temperature,
+                            top_p=cfg.generation.top_p)

@@ -138,12 +138,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 def _check_model_dir(local: Path, trust_remote_code: bool) -> None:
     """A local model directory must hold safetensors weights and a config.json of a causal LM."""
-    if not any(local.glob("*.safetensors")):
-        found = sorted(p.name for p in local.iterdir())[:8]
-        raise ModelLoadError(
-            f"{local}: no *.safetensors weights (found {found}); pickle checkpoints are refused because "
-            "loading them can execute code — convert with save_pretrained(..., safe_serialization=True)"
-        )
+    _safetensors_files(local)
     config = _read_config_json(local / "config.json")
     model_type = config.get("model_type")
     if config.get("auto_map") and trust_remote_code:
@@ -223,11 +218,19 @@ def _checkpoint_parts(path: Path, problems: list[str]) -> tuple[Path | None, lis
         return model_dir, files
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: neither a model directory (config.json) nor a learner checkpoint (model/)")
-    files = [(f, "model") for f in sorted(path.glob("*.safetensors"))]
+    return path, [(f, "model") for f in _safetensors_files(path)]
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    """The directory's *.safetensors files; none at all is an error (we never fall back to a pickle format)."""
+    files = sorted(directory.glob("*.safetensors"))
     if not files:
-        found = sorted(p.name for p in path.iterdir())[:8]
-        raise ModelLoadError(f"{path}: no *.safetensors weights (found {found})")
-    return path, files
+        found = sorted(p.name for p in directory.iterdir())[:8]
+        raise ModelLoadError(
+            f"{directory}: no *.safetensors weights (found {found}); pickle checkpoints are refused because "
+            "loading them can execute code — convert with save_pretrained(..., safe_serialization=True)"
+        )
+    return files
 
 
 def _module_of(expected: Any):

@@ -2,7 +2,7 @@
 
 The field may hold a string or a chat (a list of {"role", "content"} messages).
 
-Bad input, and what happens (docs/_reliability_input.md has the full table):
+Bad input, and what happens (docs/reliability.md has the full table):
   - a missing, empty or unreadable file, an unsupported suffix, a JSON array that does not parse, a Parquet file
     without the asked-for column: PromptFileError naming the file (and line) at once;
   - a bad record — invalid JSON on a JSONL line, bytes that are not UTF-8, a missing field, an empty prompt, a
@@ -207,28 +207,23 @@ def _parquet_records(path: Path, columns: list[str]):
         table = pq.read_table(path, columns=columns)
     except Exception as e:  # a truncated or corrupt file can pass read_schema and fail here
         raise PromptFileError(f"{path}: cannot read the Parquet data ({e})") from None
-    for batch in table.to_batches():
-        for name in batch.schema.names:
-            if pa.types.is_string(batch.schema.field(name).type) or pa.types.is_large_string(
-                    batch.schema.field(name).type):
-                try:  # Parquet does not check that string columns hold UTF-8; a bad value would fail as_py
-                    batch.column(name).validate(full=True)
-                except pa.ArrowInvalid:
-                    return (yield from _parquet_rows_binary(path, table, columns))
+    text = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if not _valid_utf8(table, text):  # read those columns as bytes, so each bad row is named (not one crash)
+        table = table.cast(pa.schema([pa.field(f.name, pa.binary()) if f.name in text else f for f in table.schema]))
     for number, row in enumerate(table.to_pylist()):
         yield number, {k: (_decode(v) if isinstance(v, bytes) else v) for k, v in row.items()}
 
 
-def _parquet_rows_binary(path: Path, table, columns: list[str]):
-    """Rows of a table whose string columns hold invalid UTF-8: read them as bytes and name each bad row."""
+def _valid_utf8(table, columns: list[str]) -> bool:
+    """Parquet does not check that string columns hold UTF-8; a bad value would fail later, in as_py."""
     import pyarrow as pa
 
-    as_bytes = table.cast(pa.schema([
-        pa.field(f.name, pa.binary() if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) else f.type)
-        for f in table.schema
-    ]))
-    for number, row in enumerate(as_bytes.to_pylist()):
-        yield number, {k: (_decode(v) if isinstance(v, bytes) else v) for k, v in row.items()}
+    try:
+        for name in columns:
+            table.column(name).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _decode(value: bytes):
