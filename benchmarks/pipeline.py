@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -89,9 +90,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="learner steps per run (default 40, quick 24)")
     parser.add_argument("--layouts", default="1,2", help="generator counts to measure, one learner each")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    steps = args.steps or (24 if args.quick else 40)
-    layouts = [int(g) for g in args.layouts.split(",")]
+    steps = args.steps if args.steps is not None else (24 if args.quick else 40)
+    try:
+        layouts = [int(g) for g in args.layouts.split(",")]
+    except ValueError:
+        parser.error(f"--layouts: expected generator counts such as 1,2; got {args.layouts!r}")
+    if steps < 1 or min(layouts) < 1:
+        parser.error("--steps and every --layouts count must be >= 1")
     workdir = tempfile.mkdtemp(prefix="bench-pipeline-")
     t0 = time.perf_counter()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -117,7 +124,7 @@ def main(argv=None) -> dict:
                   f"{row['async']['learner_idle_fraction']:.0%}", flush=True)
     finally:
         ray.shutdown()
-    out = {"benchmark": "pipeline", "command": "python -m benchmarks.pipeline" + (" --quick" if args.quick else ""),
+    out = {"benchmark": "pipeline", "command": " ".join(["python -m benchmarks.pipeline", *argv]),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": "tiny (0.44M params)",
            "steps": steps, "workload": WORKLOAD, "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out))
