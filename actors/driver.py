@@ -33,7 +33,8 @@ from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config, check_resources
 from selfplay.recipes import make_recipe
-from selfplay.tasks import Prompt, load_task_prompts, make_task
+from selfplay.preflight import latest_checkpoint, run_prompts
+from selfplay.tasks import Prompt
 
 
 class PromptStream:
@@ -94,12 +95,6 @@ def _prompt(d: dict[str, Any]) -> Prompt:
     return Prompt(**{**d, "messages": tuple(d["messages"]) if d.get("messages") else None})
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one with driver_state.json) of a run, or None."""
-    done = [d for d in Path(out_dir, "checkpoints").glob("step_*") if (d / "driver_state.json").exists()]
-    return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
-
-
 class Driver:
     def __init__(self, cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
@@ -118,22 +113,14 @@ class Driver:
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     def _prompts(self) -> tuple[list[Prompt], list[Prompt], Any]:
-        cfg = self.cfg
-        if cfg.task.name == "file":
-            prompts = load_task_prompts(cfg.task, cfg.algorithm)
-            self.prompts_skipped = prompts.skipped
-            for problem in prompts.problems[:5]:
-                self.log(f"[selfplay] skipped {problem}")
-            if prompts.skipped:
-                self.log(f"[selfplay] {prompts.skipped} bad record(s) of {cfg.task.path} skipped "
-                         "(task.skip_bad_records); the first ones are listed above")
-            # held-out by a hash of the prompt id: stable whatever the file order
-            held = [p for p in prompts if int(p.prompt_id[:8], 16) % 1000 < cfg.task.heldout_fraction * 1000]
-            train = [p for p in prompts if p not in held]
-            return train, held[: cfg.eval.prompts], None
-        task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
-        return (task.prompts("train", cfg.task.train_size, cfg.seed),
-                task.prompts("eval", min(cfg.task.eval_size, cfg.eval.prompts), cfg.seed), task)
+        train, held, task, skipped = run_prompts(self.cfg)
+        self.prompts_skipped = len(skipped)
+        for problem in skipped[:5]:
+            self.log(f"[selfplay] skipped {problem}")
+        if skipped:
+            self.log(f"[selfplay] {len(skipped)} bad record(s) of {self.cfg.task.path} skipped "
+                     "(task.skip_bad_records); the first ones are listed above")
+        return train, held, task
 
     def _initial_policy(self) -> str:
         """The tiny model is warmed up into a weak initial policy first; any other model starts as it is."""

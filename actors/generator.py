@@ -20,6 +20,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.faults import HoldPoints
 from actors.remote import ActorRestarted, restarted
 from selfplay.backends import make_backend
 from selfplay.config import Config
@@ -55,6 +56,7 @@ class GeneratorActor:
         self.policy_version = 0
         self.awaiting_weights = restarted()  # a restart serves nothing until the driver brings the current weights
         self._calls = 0
+        self.holds = HoldPoints()  # chaos tests only: hold a request until the test kills this process
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
         self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0}
 
@@ -63,6 +65,7 @@ class GeneratorActor:
     def _sampling(self, temperature, top_p, max_new_tokens, seed) -> dict[str, Any]:
         if self.awaiting_weights:
             raise ActorRestarted(f"generator {self.index} was restarted and does not have the current weights yet")
+        self.holds.enter("request")  # every request (sample, segment_rollout, revise) passes here once
         g = self.cfg.generation
         self._calls += 1
         return {
@@ -209,6 +212,10 @@ class GeneratorActor:
         """After a restart, when no weights were ever published: the initial ones are the current ones."""
         self.awaiting_weights = False
         return self.policy_version
+
+    def hold(self, point: str, marker: str, skip: int = 0) -> None:
+        """Chaos tests: hold the next `request` (after `skip` more) until this process is killed (actors/faults.py)."""
+        self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from actors.faults import HoldPoints
 from selfplay.judges import make_judge
 from selfplay.judges.calls import SKIP_COUNTERS, judge_calls
 
@@ -30,6 +31,7 @@ class JudgeActor:
         self._pending: list[tuple[list[dict[str, Any]], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self.counters = {"calls": 0, "groups": 0, "batches": 0, "bad_calls": 0, **dict.fromkeys(SKIP_COUNTERS, 0)}
+        self.holds = HoldPoints()  # chaos tests only: hold a call until the test kills this process
 
     async def judge(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
         """Judge groups {prompt_id, prompt, candidates, policy_version[, candidates_prev]}.
@@ -40,12 +42,17 @@ class JudgeActor:
                  "empty_responses": int}  # empty candidates judged as losing
         A malformed group raises ValueError (naming the group) to this caller only.
         """
+        await self.holds.enter_async("judge")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((list(groups), future))
         self.counters["calls"] += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await future
+
+    def hold(self, point: str, marker: str, skip: int = 0) -> None:
+        """Chaos tests: hold the next `judge` call (after `skip` more) until this process is killed (actors/faults.py)."""
+        self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "pid": os.getpid()}  # a new pid: Ray restarted this judge

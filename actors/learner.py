@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from actors.faults import HoldPoints
 from actors.remote import get_all
 from selfplay.config import Config, load_config
 from selfplay.ema import ema_update
@@ -76,6 +77,7 @@ class LearnerActor:
         self.on_gpu = torch.cuda.is_available()
         self.engine = None
         self.busy_seconds = 0.0  # training, publishing weights, refreshing the reference: the rest is idle
+        self.holds = HoldPoints()  # chaos tests only: hold a step until the test kills this process
 
     def address(self) -> tuple[str, int]:
         """Rendezvous address for the process group (asked of rank 0 only)."""
@@ -128,6 +130,7 @@ class LearnerActor:
 
     def train_step(self, rows: pa.Table) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch; metrics are averaged over all ranks."""
+        self.holds.enter(f"train_step {self.step + 1}")
         start = time.perf_counter()
         data = rows.to_pydict()
         batches = encode_rows(self.tokenizer, data, self.spec)
@@ -162,6 +165,10 @@ class LearnerActor:
         seconds = time.perf_counter() - start
         self.busy_seconds += seconds
         return seconds
+
+    def hold(self, point: str, marker: str, skip: int = 0) -> None:
+        """Chaos tests: hold `train_step N` (step N) until this process is killed (actors/faults.py)."""
+        self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds}

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.faults import HoldPoints
 from actors.remote import ActorDiedError, ActorRestarted, get_all, restarted, wait_restarted
 from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table
 
@@ -28,6 +29,7 @@ class ReplayShardActor:
         self.index = index
         self.shard = ReplayShard(capacity, seed, max_reuse)
         self.awaiting_restore = restarted()  # a restart holds no rows: refuse work until the client restores it
+        self.holds = HoldPoints()  # chaos tests only: hold a call until the test kills this process
 
     def _check(self) -> None:
         if self.awaiting_restore:
@@ -35,6 +37,7 @@ class ReplayShardActor:
 
     def add(self, rows: pa.Table) -> int:
         self._check()
+        self.holds.enter("add")
         return self.shard.add(rows)
 
     def prepare(self, strategy: str, current_version: int | None, max_staleness: int | None) -> tuple[int, float]:
@@ -48,6 +51,10 @@ class ReplayShardActor:
                max_staleness: int | None = None) -> pa.Table:
         self._check()
         return self.shard.sample(n, strategy, replace, current_version, max_staleness)
+
+    def hold(self, point: str, marker: str, skip: int = 0) -> None:
+        """Chaos tests: hold the next `add` (after `skip` more) until this process is killed (actors/faults.py)."""
+        self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, int]:
         return {"shard": self.index, **self.shard.stats(), "awaiting_restore": self.awaiting_restore}

@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     policy = f"{workdir}/tiny"
     prompts = SortTask().prompts("eval", max(BATCHES), seed=0)
     ids = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     from actors.generator import GeneratorActor
 
     results = []

@@ -204,7 +204,7 @@ def run_ours(cfg, out_dir: Path) -> tuple[dict[str, Any], float]:
 
     from actors.driver import Driver
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="selfplay-peer-bench")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="selfplay-peer-bench")
     try:
         summary = Driver(cfg, out_dir, log=_log).run()
     finally:

@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         parser.error("--steps and every --layouts count must be >= 1")
     workdir = tempfile.mkdtemp(prefix="bench-pipeline-")
     t0 = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = []
     try:
         policy = warm_policy(workdir)

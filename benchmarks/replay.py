@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     import ray
 
     sizes = [10_000, 100_000] if args.quick else [10_000, 1_000_000]
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     rng = np.random.default_rng(0)
     results = []
     t0 = time.perf_counter()

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1, 16 and 64 MB only")
     args = parser.parse_args(argv)
     sizes = [1, 16, 64] if args.quick else [1, 16, 100, 400]
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     try:
         results = [measure(mb, repeats=3 if mb <= 100 else 2) for mb in sizes]

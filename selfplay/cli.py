@@ -19,19 +19,36 @@ import time
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: one line on stderr, exit status 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the whole usage block; one line says what is wrong
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+RAY_PROBE_S = 5.0  # a named Ray cluster that does not answer within this long is reported, not retried
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config file (default: built-in defaults = the embedded demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set warmup.steps=80 (repeatable)")
 
 
+def _add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="join the running Ray cluster at HOST:PORT (default: $RAY_ADDRESS, which a "
+                   "Ray job sets; otherwise a fresh local cluster for this run only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="selfplay",
         description="Self-play preference optimization (SPPO, SAPO, SRPO) for language models on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("demo", help="self-play on the tiny model + sort task, local Ray; prints win rate vs initial")
     p.add_argument("--algorithm", choices=["sppo", "sapo", "srpo"], default="sppo")
@@ -39,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps only (for smoke tests)")
     p.add_argument("--out", help="output directory (default runs/demo-<algorithm>-<mode>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_address_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run self-play from a config file, or resume a stopped run")
@@ -47,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: out_dir from the config)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its newest complete checkpoint (its config.yaml, plus --set)")
+    _add_address_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit a command as a Ray job, e.g. selfplay submit -- selfplay run CONFIG")
@@ -114,18 +133,28 @@ def _version() -> str:
     return __version__
 
 
-def _run_driver(cfg, out: str, resume: bool = False) -> int:
+def _run_driver(cfg, out: str, address: str | None, resume: bool = False) -> int:
+    """Check every input, then start (or join) Ray and run. Nothing starts when an input is wrong."""
     import os
 
+    from selfplay.preflight import check_run
+
+    address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job sets RAY_ADDRESS to its cluster
+    check_run(cfg, out, resume=resume, local_cluster=address is None)
+    if address:
+        _check_reachable(address)
     import ray
 
     from actors.driver import Driver
 
     started_here = not ray.is_initialized()
-    if started_here and os.environ.get("RAY_ADDRESS"):  # inside a Ray job, or pointed at a running cluster
-        ray.init(namespace="selfplay", log_to_driver=False)
-    elif started_here:  # a local cluster for this run only
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="selfplay")
+    if started_here and address:
+        print(f"[selfplay] joining the Ray cluster at {address}", flush=True)
+        ray.init(address=address, namespace="selfplay", log_to_driver=False)
+    elif started_here:
+        print("[selfplay] starting a local Ray cluster for this run", flush=True)
+        # "local": never follow /tmp/ray/ray_current_cluster, which a killed head leaves behind
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="selfplay")
     try:
         Driver(cfg, out).run(resume=resume)
     finally:
@@ -134,27 +163,56 @@ def _run_driver(cfg, out: str, resume: bool = False) -> int:
     return 0
 
 
+def _check_reachable(address: str) -> None:
+    """Ray retries an address that does not answer for minutes; say so at once, with the way out."""
+    import socket
+
+    if address == "auto":  # the cluster `ray start` last recorded on this machine (it may be a dead one)
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            recorded = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise UsageError("Ray address 'auto': no Ray cluster is running on this machine; start one (ray start "
+                             "--head), or unset RAY_ADDRESS / drop --address to run on a fresh local cluster") from None
+        return _check_reachable(recorded)
+    if address.startswith(("http://", "https://")):
+        raise UsageError(f"Ray address {address!r} is a job server (dashboard) address; to run there use "
+                         "`selfplay submit --address URL -- selfplay run CONFIG`, or give the cluster's HOST:PORT")
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"Ray address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_S).close()
+    except OSError as e:
+        raise UsageError(f"Ray at {address} does not answer ({e.strerror or e}; tried for {RAY_PROBE_S:g}s): start "
+                         "the head there (ray start --head), or unset RAY_ADDRESS / drop --address to run on a "
+                         "fresh local cluster") from None
+
+
 def cmd_demo(args) -> int:
     from selfplay.demo import demo_config
 
     cfg = demo_config(args.algorithm, args.mode, args.quick, args.overrides)
-    return _run_driver(cfg, args.out or f"runs/demo-{args.algorithm}-{args.mode}")
+    return _run_driver(cfg, args.out or f"runs/demo-{args.algorithm}-{args.mode}", args.address)
 
 
 def cmd_run(args) -> int:
     from selfplay.config import load_config
 
     if args.resume:
-        from pathlib import Path
-
+        if args.config and Path(args.config).resolve() != (Path(args.resume) / "config.yaml").resolve():
+            raise UsageError("selfplay run --resume DIR continues with DIR/config.yaml; give --set overrides, "
+                             f"not another config ({args.config})")
         config = Path(args.resume) / "config.yaml"
         if not config.exists():
-            raise SystemExit(f"selfplay run --resume: {config} not found; not the output directory of a run")
-        return _run_driver(load_config(str(config), args.overrides), args.resume, resume=True)
+            raise UsageError(f"{config}: not found; --resume {args.resume} is not the output directory of a run")
+        return _run_driver(load_config(str(config), args.overrides), args.resume, args.address, resume=True)
     if not args.config:
-        raise SystemExit("selfplay run: give a config file (or --resume DIR)")
+        raise UsageError("selfplay run: give a config file (or --resume DIR)")
     cfg = load_config(args.config, args.overrides)
-    return _run_driver(cfg, args.out or cfg.out_dir)
+    return _run_driver(cfg, args.out or cfg.out_dir, args.address)
 
 
 def cmd_submit(args) -> int:
@@ -164,7 +222,7 @@ def cmd_submit(args) -> int:
     env = {}
     for item in args.env:
         if "=" not in item:
-            raise SystemExit(f"error: --env {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         env[key] = value
     sid = jobs.submit(command, address=args.address, working_dir=args.working_dir, pip=args.pip or None, env=env,
@@ -199,12 +257,12 @@ def cmd_plan(args) -> int:
 
     for name in ("gpus", "gen_seconds", "rows_per_request", "train_seconds", "batch", "sync_every"):
         if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name):g}")
     costs = Costs(args.gen_seconds, args.rows_per_request, args.train_seconds, args.batch,
                   args.learner_efficiency, args.sync_seconds, args.sync_every)
     layouts = plan(costs, args.gpus, args.generator_gpus, args.learner_gpus, args.judge_gpus, args.judges)
     if not layouts:
-        raise SystemExit(f"error: {args.gpus:g} GPUs cannot hold a generator, a learner and {args.judges} judge(s)")
+        raise UsageError(f"--gpus {args.gpus:g}: cannot hold a generator, a learner and {args.judges} judge(s)")
     best = layouts[0]
     print(describe(layouts))
     print(f"\nrecommended: resources.num_generators={best.generators} resources.num_learners={best.learners} "
@@ -238,7 +296,7 @@ def cmd_warmup(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.task.name == "file":
-        raise SystemExit("error: warm-up needs a synthetic task with reference answers (task.name: sort)")
+        raise UsageError("task.name: the warm-up needs a synthetic task with reference answers (task.name: sort)")
     out = Path(args.out or Path(cfg.out_dir) / "warmup")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -286,7 +344,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.revisions < 0:
-        raise SystemExit("error: --revisions must be >= 0")
+        raise UsageError(f"--revisions must be >= 0, got {args.revisions}")
     task = None
     if cfg.task.name == "file":
         prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field)
@@ -328,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from selfplay.config import ConfigError
-    from selfplay.models import ModelLoadError
+    from selfplay.errors import ModelLoadError
     from selfplay.tasks import PromptFileError
 
     # DeepSpeed is imported indirectly by transformers; without a GPU it warns on every import unless told.
@@ -336,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return args.func(args)
-    except (ConfigError, PromptFileError, ModelLoadError) as e:
+    except (ConfigError, PromptFileError, ModelLoadError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

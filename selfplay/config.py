@@ -197,8 +197,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, data, "", sources, errors)
     errors.extend(validate(cfg, sources))  # also on a partly broken config: report every problem at once
     if errors:
+        if len(errors) == 1:  # one line: the problem names its file:line or --set already
+            raise ConfigError(f"invalid configuration: {errors[0]}")
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"invalid configuration{where} ({len(errors)} problems):\n  " + "\n  ".join(errors))
     return cfg
 
 
@@ -421,6 +423,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
 
     check(cfg.judge.kind != "pairrm" or bool(cfg.judge.path), "judge.path",
           "is required for the pairrm judge (e.g. llm-blender/PairRM-hf or a local directory)")
+    check(cfg.judge.kind != "rule" or cfg.task.name != "file", "judge.kind",
+          "the rule judge scores the answers of a synthetic task; a prompt file (task.name: file) needs the pairrm "
+          "judge")
     check(cfg.judge.batch_size >= 1, "judge.batch_size", "must be >= 1")
     check(cfg.judge.temperature > 0, "judge.temperature", "must be > 0")
 

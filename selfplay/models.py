@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
+from selfplay.errors import ModelLoadError
+
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message names the path and the reason."""
 
 
 def quiet_transformers() -> None:
@@ -41,7 +39,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, seed: int = 0):
         return build_tokenizer(seed)
     from transformers import AutoTokenizer
 
-    _local_path(path, "tokenizer")  # a missing local directory is named as such
+    local_model_dir(path, "tokenizer")  # a missing local directory is named as such
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -59,9 +57,9 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
         from selfplay.tiny import build_model
 
         return build_model(tokenizer if tokenizer is not None else load_tokenizer(TINY, seed=seed), seed).to(DTYPES[dtype])
-    local = _local_path(path)
+    local = local_model_dir(path)
     if local is not None:
-        _check_model_dir(local, trust_remote_code)
+        check_model_dir(local, trust_remote_code)
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +81,7 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return model.eval()
 
 
-def _local_path(path: str, what: str = "causal LM") -> Path | None:
+def local_model_dir(path: str, what: str = "causal LM") -> Path | None:
     """The directory when `path` names a local one; None for a hub id. A path-like name that does not exist
     is an error here, not a confusing hub lookup."""
     local = Path(path).expanduser()
@@ -136,7 +134,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_model_dir(local: Path, trust_remote_code: bool) -> None:
+def check_model_dir(local: Path, trust_remote_code: bool) -> None:
     """A local model directory must hold safetensors weights and a config.json of a causal LM."""
     _safetensors_files(local)
     config = _read_config_json(local / "config.json")

@@ -33,7 +33,7 @@ def ray_cluster():
     """
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, namespace="selfplay-tests", log_to_driver=True)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="selfplay-tests", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -58,22 +58,43 @@ def finish(thread, result) -> dict:
     return result["summary"]
 
 
+def kill_when_held(ray, points: dict[str, tuple], thread, timeout_s: float = 300) -> list[str]:
+    """points: {name: (actor, marker)}. Kill each actor once it is held inside its armed call (its marker exists),
+    in whatever order they get there; returns the order."""
+    killed = []
+    while len(killed) < len(points):
+        wait_for(lambda: any(m.exists() for n, (_, m) in points.items() if n not in killed) or not thread.is_alive(),
+                 timeout_s, f"an armed call of {sorted(set(points) - set(killed))}")
+        assert thread.is_alive(), f"the run ended before {sorted(set(points) - set(killed))} were held"
+        for name, (actor, marker) in points.items():
+            if name not in killed and marker.exists():
+                ray.kill(actor, no_restart=False)  # Ray restarts it; the driver must recover it
+                killed.append(name)
+    return killed
+
+
 def test_killed_generator_judge_and_replay_shard_are_restarted_and_nothing_is_lost(ray_cluster, tmp_path,
                                                                                    warm_policy_dir):
+    # max_reuse=1: every step needs fresh rows, so the run cannot finish while an actor is held
     cfg = demo_config("sppo", "async", quick=True, extra=[
-        "train.steps=24", f"model.policy={warm_policy_dir}", "eval.prompts=10", "resources.generator_cpus=0.25"])
+        "train.steps=16", f"model.policy={warm_policy_dir}", "eval.prompts=10", "resources.generator_cpus=0.25",
+        "replay.max_reuse=1"])
     out = tmp_path / "chaos"
     driver, thread, result = start_driver(cfg, out)
-    wait_for(lambda: steps_done(out) >= 3 or not thread.is_alive(), 300, "step 3")
-    # mid-run: a generator (with a request in flight), a judge and a replay shard die; Ray restarts them
-    ray_cluster.kill(driver.generators[0], no_restart=False)
-    ray_cluster.kill(driver.judges[0], no_restart=False)
-    ray_cluster.kill(driver.replay.shards[0], no_restart=False)
+    wait_for(lambda: hasattr(driver, "sync") or not thread.is_alive(), 300, "the actors")
+    # each actor is killed inside a call, at a known point: its second request / judge call / add from now on
+    points = {"generator": (driver.generators[0], "request"), "judge": (driver.judges[0], "judge"),
+              "replay_shard": (driver.replay.shards[0], "add")}
+    for name, (actor, point) in points.items():
+        ray_cluster.get(actor.hold.remote(point, str(tmp_path / f"{name}.held"), 1), timeout=120)
+    kill_when_held(ray_cluster, {n: (a, tmp_path / f"{n}.held") for n, (a, _) in points.items()}, thread)
     summary = finish(thread, result)
     assert summary["learner_steps"] == cfg.train.steps and summary["policy_version"] == cfg.train.steps
     assert summary["actor_restarts"] == {"generator": 1, "judge": 1, "replay_shard": 1}
+    # the held request and the held judge call were sent again, not dropped
+    assert summary["requests_reissued"] >= 2
     assert summary["rows_lost"] == 0  # every acknowledged row is in the buffer, or was sampled/evicted/retired
-    assert summary["requests_reissued"] >= 1  # the generator's in-flight request was sent again, not dropped
+    assert summary["rows_replayed_after_restart"] >= 1  # rows acknowledged before the shard died came back
     # the restarted generator rejoined the weight pushes: it ends serving the final version
     assert summary["generator_versions"] == [cfg.train.steps] * cfg.resources.num_generators
     assert json.loads((out / "summary.json").read_text())["actor_restarts"] == summary["actor_restarts"]
@@ -126,9 +147,13 @@ def test_a_learner_failure_resumes_from_the_last_checkpoint_by_itself(ray_cluste
         "eval.prompts=10", "resources.generator_cpus=0.25"])
     out = tmp_path / "learner-dies"
     driver, thread, result = start_driver(cfg, out)
-    wait_for(lambda: (out / "checkpoints" / "step_4" / "driver_state.json").exists() or not thread.is_alive(), 300,
-             "the checkpoint at step 4")
+    wait_for(lambda: hasattr(driver, "sync") or not thread.is_alive(), 300, "the actors")
+    # rank 0 dies inside step 7: the checkpoints of steps 2, 4 and 6 are written, the run is not finished
+    marker = tmp_path / "learner.held"
+    ray_cluster.get(driver.learners.actors[0].hold.remote("train_step 7", str(marker)), timeout=120)
+    wait_for(lambda: marker.exists() or not thread.is_alive(), 300, "step 7")
+    assert (out / "checkpoints" / "step_6" / "driver_state.json").exists()
     ray_cluster.kill(driver.learners.actors[0])
     summary = finish(thread, result)
-    assert summary["resumed_from"] and summary["learner_steps"] == cfg.train.steps
+    assert summary["resumed_from"] == [6] and summary["learner_steps"] == cfg.train.steps
     assert summary["rows_lost"] == 0
