@@ -46,8 +46,12 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
             "type": "AdamW",
             # torch_adam: the plain torch AdamW, no fused CUDA/CPU kernel to compile; on GPU the fused one is used
             "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": not on_gpu},
+        } if cfg.train.optimizer == "adamw" else {
+            # DeepSpeed builds torch.optim.SGD by name; ZeRO wraps it like any torch optimizer
+            "type": "SGD", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
         },
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": cfg.train.optimizer == "sgd",
         "steps_per_print": 10**9,  # our own metrics, not DeepSpeed's prints
         "wall_clock_breakdown": False,
     }

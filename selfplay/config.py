@@ -114,6 +114,7 @@ class TrainConfig:
     steps: int = 100
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, for equivalence checks (an update linear in the gradient)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     sync_every: int = 1  # push weights to generators every N learner steps

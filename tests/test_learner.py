@@ -28,9 +28,19 @@ def group(learners, zero, algorithm="sppo", batch=8, extra=()):
     return LearnerGroup(cfg, num_cpus=0.25)
 
 
+def flat_update(after: dict, before: dict) -> torch.Tensor:
+    return torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)])
+
+
 @pytest.mark.parametrize("zero", [0, 2, 3])
 def test_two_learners_match_one_with_double_batch(ray_cluster, zero):
-    single, pair = group(1, 0), group(2, zero)
+    """Data parallelism is exact up to float32 rounding: two ranks that each take half the batch and average
+    their gradients make the update one rank makes with the whole batch. With SGD the update is lr × gradient,
+    so the two differ only by lr × the rounding of the gradient sum, whose order differs between one rank and
+    two (and between CPU kinds): relative 1e-4 holds with margin on any machine. (Adam would turn a sign flip of
+    a near-zero gradient into a 2·lr difference: see the next test.)"""
+    sgd = ["train.optimizer=sgd", "train.lr=0.1"]
+    single, pair = group(1, 0, extra=sgd), group(2, zero, extra=sgd)
     try:
         base = single.full_state()
         assert all(torch.equal(base[k], v) for k, v in pair.full_state().items())  # same init on every rank
@@ -38,13 +48,31 @@ def test_two_learners_match_one_with_double_batch(ray_cluster, zero):
             batch = rows(8, offset=step)
             m1, m2 = single.train_step(batch), pair.train_step(batch)
             assert m2["pairs"] == m1["pairs"] == 8 and m2["step"] == step + 1
-            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4)
-            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-3)
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
         w1, w2 = single.full_state(), pair.full_state()
         assert w1.keys() == w2.keys()
-        for k in w1:
-            assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
-        assert any(not torch.equal(base[k], w1[k]) for k in w1)  # the weights did move
+        u1, u2 = flat_update(w1, base), flat_update(w2, base)
+        assert u1.norm() > 1e-3  # the weights did move
+        assert (u1 - u2).norm() <= 1e-4 * u1.norm(), (u1 - u2).norm() / u1.norm()
+        for k in w1:  # and no single tensor is off: differences are at the level of float32 rounding of w
+            assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
+    finally:
+        single.shutdown()
+        pair.shutdown()
+
+
+def test_two_learners_with_adamw_follow_the_loss_of_one(ray_cluster):
+    """The default optimizer, compared where the claim needs it: the losses two ranks see step after step.
+    Adam's first update is ≈ lr·sign(g), so weights whose gradient is ~0 may move ±lr apart between one rank and
+    two (rounding decides the sign); the losses stay within 1e-3 of each other."""
+    single, pair = group(1, 0), group(2, 2)
+    try:
+        for step in range(3):
+            batch = rows(8, offset=step)
+            m1, m2 = single.train_step(batch), pair.train_step(batch)
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-3), step
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-2), step
     finally:
         single.shutdown()
         pair.shutdown()
