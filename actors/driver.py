@@ -32,8 +32,8 @@ from actors.remote import ActorDiedError, get_all, wait_restarted
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config, check_resources
-from selfplay.recipes import make_recipe
 from selfplay.preflight import latest_checkpoint, run_prompts
+from selfplay.recipes import make_recipe
 from selfplay.tasks import Prompt
 
 

@@ -547,11 +547,12 @@ def check_resources(cfg: Config, available: dict[str, float],
                 if n and per > biggest + 1e-6:
                     problems.append(f"{key} = {per:g}: no node has that many {kind}s for one actor "
                                     f"(the largest node has {biggest:g})")
+    fix = "lower the resources.* counts or per-actor amounts (or --set them), or add nodes"
+    if len(problems) == 1:
+        raise ConfigError(f"the configured actors do not fit on this Ray cluster: {problems[0]}; {fix}")
     if problems:
-        raise ConfigError(
-            "the configured actors do not fit on this Ray cluster:\n  " + "\n  ".join(problems)
-            + "\n  lower the resources.* counts or per-actor amounts (or --set them), or add nodes"
-        )
+        raise ConfigError("the configured actors do not fit on this Ray cluster:\n  " + "\n  ".join(problems)
+                          + f"\n  {fix}")
 
 
 def _count_key(per_actor_key: str) -> str:

@@ -63,7 +63,7 @@ CASES = [
                            *PAIRRM_JUDGE], {}, "{d}/empty.jsonl: empty prompt file (0 bytes)"),
     ("prompt-file-bad-record", ["run", DEMO, "--set", "task.name=file", "--set", "task.path={d}/bad_record.jsonl",
                                 "--set", "warmup.steps=0", *PAIRRM_JUDGE], {},
-     "{d}/bad_record.jsonl:3: missing field 'prompt' (fields: ['text'])"),
+     "1 bad record in {d}/bad_record.jsonl: {d}/bad_record.jsonl:3: missing field 'prompt' (fields: ['text'])"),
     ("prompt-file-csv", ["run", DEMO, "--set", "task.name=file", "--set", "task.path={d}/prompts.csv",
                          *PAIRRM_JUDGE], {}, "unsupported prompt file type '.csv'"),
     ("no-held-out-prompts", ["run", DEMO, "--set", "task.name=file", "--set", "task.path={d}/three.jsonl",
@@ -158,7 +158,23 @@ def results(case_files, tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = dict(pool.map(one, CASES))
+    if os.environ.get("SELFPLAY_CLI_CATALOGUE"):  # regenerate the table in docs/reliability.md
+        _write_catalogue(Path(os.environ["SELFPLAY_CLI_CATALOGUE"]), done, str(case_files), port)
     return done, cwd
+
+
+def _write_catalogue(path: Path, done: dict, case_dir: str, port: str) -> None:
+    def short(text: str) -> str:
+        return text.replace(DEMO, "configs/demo.yaml").replace(case_dir + "/", "").replace(case_dir, "DIR") \
+            .replace(port, "PORT").replace("{d}/", "").replace("{d}", "DIR").replace("{port}", "PORT")
+
+    lines = []
+    for name, argv, env, _ in CASES:
+        command = " ".join(short(a) if " " not in a else repr(short(a)) for a in argv)
+        command = " ".join([*(f"{k}={short(v)}" for k, v in env.items()), "selfplay", command])
+        message = " ⏎ ".join(short(line) for line in done[name][0].stderr.strip().splitlines()).replace("|", "\\|")
+        lines.append(f"| `{name}` | `{command}` | {message} |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def test_the_catalogue_has_at_least_25_cases():

@@ -95,6 +95,9 @@ def load_prompts(
             problems.append(f"{where}: {e}")
     if not seen:
         raise PromptFileError(f"{path}: no records (only blank lines, an empty array or no rows)")
+    if len(problems) == 1 and not skip_bad:
+        raise PromptFileError(f"1 bad record in {path}: {problems[0]}; fix it, or skip and count bad records with "
+                              "skip_bad (task.skip_bad_records: true)")
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:MAX_SHOWN])
         more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
