@@ -157,8 +157,8 @@ class Driver:
         self.pids = {"generator": self._pids(self.generators, "generator"), "judge": self._pids(self.judges, "judge")}
         if self._resume_state is not None:
             self._restore(self._resume_state)
-        self.sync = WeightSync(self.learners, self.generators, mode=cfg.mode, which=self.recipe.weights,
-                               timeout_s=600)
+        self.sync = WeightSync(self.learners, self.generators, transport=cfg.weight_sync.transport, mode=cfg.mode,
+                               bucket_bytes=cfg.weight_sync.bucket_mb << 20, which=self.recipe.weights, timeout_s=600)
         self.sync.on_generator_died = self._generator_died
 
     @staticmethod

@@ -39,10 +39,9 @@ def _as_prompts(prompts: list[Prompt | str]) -> list[Prompt]:
 @ray.remote
 class GeneratorActor:
     def __init__(self, cfg_dict: dict, policy: str | None = None, index: int = 0):
-        from actors.learner import load_config_dict
         from selfplay.models import load_tokenizer
 
-        self.cfg: Config = load_config_dict(cfg_dict)
+        self.cfg = Config.from_dict(cfg_dict)
         cfg = self.cfg
         self.index = index
         torch.set_num_threads(max(1, int(cfg.resources.generator_cpus)))

@@ -26,7 +26,7 @@ import torch
 
 from actors.faults import HoldPoints
 from actors.remote import get_all
-from selfplay.config import Config, load_config
+from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.objectives import encode_rows, loss_spec, preference_loss
 from selfplay.weights import pack_buckets
@@ -76,7 +76,7 @@ def _skip_deepspeed_jit_ops() -> None:
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg_dict: dict, rank: int, world_size: int, policy: str):
-        self.cfg = load_config_dict(cfg_dict)
+        self.cfg = Config.from_dict(cfg_dict)
         self.rank, self.world_size, self.policy_path = rank, world_size, policy
         self.on_gpu = torch.cuda.is_available()
         self.engine = None
@@ -348,20 +348,6 @@ def _load_rng(src: Path, rank: int) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, inner, gauss = state["python"]
     random.setstate((version, tuple(inner), gauss))
-
-
-def load_config_dict(data: dict) -> Config:
-    """A Config from its `to_dict()` form (how it travels to actors), validated like a file."""
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(data, f)
-    try:
-        return load_config(f.name)
-    finally:
-        os.unlink(f.name)
 
 
 class LearnerGroup:

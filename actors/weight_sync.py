@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,34 +67,42 @@ class BroadcastChannel:
 
 
 class BroadcastSender:
-    """Rank 0's side of a channel: sends in a background thread so the learner's next step is not blocked."""
+    """Rank 0's side of a channel: sends versions in order from a background thread, so the learner's next step
+    is not blocked. `start` never waits for an earlier send: a generator picks up version N only when the driver
+    dispatches its receive, and the driver may itself be waiting on this learner meanwhile (a reference refresh,
+    a step) — blocking here would deadlock the two."""
 
     def __init__(self, channel: BroadcastChannel):
         self.channel = channel
-        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        threading.Thread(target=self._send_forever, name="weight-broadcast", daemon=True).start()
+
+    def _send_forever(self) -> None:
+        while True:
+            version, packed = self._queue.get()
+            try:
+                if self._error is None:  # after a failure nothing more is sent: wait() reports it
+                    self.channel.send(version, packed)
+            except BaseException as e:
+                self._error = e
+            finally:
+                self._queue.task_done()
 
     def start(self, version: int, packed: Packed) -> None:
-        self.wait()  # one broadcast at a time, in order
-
-        def run():
-            try:
-                self.channel.send(version, packed)
-            except BaseException as e:  # surfaced by wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name=f"weights-v{version}", daemon=True)
-        self._thread.start()
+        self._raise_error()
+        self._queue.put((version, packed))
 
     def wait(self, timeout_s: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
+        """Until every queued version is sent (or raise the send's error)."""
+        with self._queue.all_tasks_done:
+            if not self._queue.all_tasks_done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout_s):
                 raise TimeoutError(f"weight broadcast still running after {timeout_s}s")
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise WeightSyncError(f"weight broadcast failed: {error}") from error
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:  # the channel is broken: every later send or wait says so
+            raise WeightSyncError(f"weight broadcast failed: {self._error}") from self._error
 
 
 @dataclass

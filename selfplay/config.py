@@ -156,6 +156,12 @@ class LoggingConfig:
 
 
 @dataclass
+class WeightSyncConfig:
+    transport: Literal["object_store", "collective"] = "object_store"  # collective: a broadcast group (gloo/NCCL)
+    bucket_mb: int = 64  # weights travel as buckets of this many MiB, not one message per tensor
+
+
+@dataclass
 class Config:
     algorithm: Literal["sppo", "sapo", "srpo"] = "sppo"
     mode: Literal["sync", "async"] = "sync"
@@ -172,11 +178,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """A Config from its `to_dict()` form (how it travels to actors), checked like a file."""
+        return _checked(data, {}, [], None)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -195,6 +207,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = _read_yaml(Path(path), sources, errors)
     for item in overrides:
         _apply_override(data, item, sources)
+    return _checked(data, sources, errors, path)
+
+
+def _checked(data: dict[str, Any], sources: dict[str, str], errors: list[str], path: str | Path | None) -> Config:
     cfg = _build(Config, data, "", sources, errors)
     errors.extend(validate(cfg, sources))  # also on a partly broken config: report every problem at once
     if errors:
@@ -471,6 +487,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           "must be >= 0 or null")
     check(cfg.replay.max_reuse is None or cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
     check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")
     check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")

@@ -73,3 +73,22 @@ def test_sapo_and_srpo_run_end_to_end(ray_cluster, tmp_path, algorithm):
     assert summary["algorithm"] == algorithm and summary["learner_steps"] == cfg.train.steps
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_collective_weight_transport_runs_end_to_end(ray_cluster, tmp_path, warm_policy_dir, mode):
+    """`weight_sync.transport: collective` (a gloo broadcast group here) on the demo config: every push reaches
+    the generator, which ends serving the final version."""
+    from pathlib import Path
+
+    from actors.driver import Driver
+    from selfplay.config import load_config
+
+    demo_yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    cfg = load_config(str(demo_yaml), [
+        "weight_sync.transport=collective", "weight_sync.bucket_mb=1", "train.steps=20", f"mode={mode}",
+        f"model.policy={warm_policy_dir}", "eval.prompts=20", "eval.every=0", "logging.log_every=10",
+        "resources.generator_cpus=0.25"])
+    summary = Driver(cfg, tmp_path / f"collective-{mode}", log=print).run()
+    assert summary["learner_steps"] == 20 and summary["weight_syncs"] == 20 and summary["policy_version"] == 20
+    assert summary["generator_versions"] == [20]
