@@ -222,9 +222,8 @@ class Driver:
             except LearnerFailure as e:
                 checkpoint = latest_checkpoint(self.out)
                 if len(self.resumes) >= cfg.train.max_resumes or checkpoint is None:
-                    raise LearnerFailure(f"{e}. Resume with: selfplay run {self.out / 'config.yaml'} --out {self.out} "
-                                         "--resume" + ("" if checkpoint else " (no checkpoint yet: set "
-                                                                             "train.checkpoint_every)")) from e
+                    hint = "" if checkpoint else " (no checkpoint yet: set train.checkpoint_every)"
+                    raise LearnerFailure(f"{e}. Resume with: selfplay run --resume {self.out}{hint}") from e
                 self.log(f"[selfplay] {e}; resuming from {checkpoint.name} "
                          f"({len(self.resumes) + 1}/{cfg.train.max_resumes})")
                 self._resume_state = json.loads((checkpoint / "driver_state.json").read_text())
