@@ -33,7 +33,7 @@ def held_out(prompt_id: str, fraction: float) -> bool:
     return int(prompt_id[:8], 16) % 1000 < fraction * 1000
 
 
-def run_prompts(cfg: Config) -> tuple[list, list, Any, int]:
+def run_prompts(cfg: Config) -> tuple[list, list, Any, list[str]]:
     """(training prompts, held-out prompts, the synthetic task or None, bad records skipped as `file:line:
     problem`) of a run."""
     from selfplay.tasks import load_task_prompts, make_task
@@ -66,8 +66,7 @@ def check_run(cfg: Config, out_dir: str | Path, *, resume: bool = False, local_c
     prompts = attempt(run_prompts, cfg)
     if prompts is not None:
         _check_prompts(cfg, *prompts, problems)
-    for key in ("model.policy", "model.reference"):
-        path = cfg.model.policy if key == "model.policy" else cfg.model.reference
+    for key, path in (("model.policy", cfg.model.policy), ("model.reference", cfg.model.reference)):
         if path and path != "tiny":
             attempt(_check_causal_lm, key, path, cfg.model.trust_remote_code)
     if cfg.judge.kind == "pairrm" and cfg.judge.path:
