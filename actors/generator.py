@@ -53,7 +53,7 @@ class GeneratorActor:
             gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
         )
         self.policy_version = 0
-        self.awaiting_weights = restarted()  # a restart serves nothing until the driver brings the current weights
+        self.awaiting_restore = restarted()  # a restart serves nothing until the driver brings the current weights
         self._calls = 0
         self.holds = HoldPoints()  # chaos tests only: hold a request until the test kills this process
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
@@ -62,7 +62,7 @@ class GeneratorActor:
     # -- generation ----------------------------------------------------------------------------------------------
 
     def _sampling(self, temperature, top_p, max_new_tokens, seed) -> dict[str, Any]:
-        if self.awaiting_weights:
+        if self.awaiting_restore:
             raise ActorRestarted(f"generator {self.index} was restarted and does not have the current weights yet")
         self.holds.enter("request")  # every request (sample, segment_rollout, revise) passes here once
         g = self.cfg.generation
@@ -108,7 +108,8 @@ class GeneratorActor:
     def segment_rollout(self, prompts: list[Prompt | str], chosen: list[str], segment_len: int | None = None,
                         temperature: float | None = None, top_p: float | None = None,
                         seed: int | None = None) -> list[dict]:
-        """SAPO: for each (prompt, chosen) cut t ~ U[0, L − g], regenerate g = min(segment_len, L) tokens from
+        """SAPO: for each (prompt, chosen) cut t ~ U[0, max(0, L − 3 − g)] (never into the last
+        3 tokens, as official SAPO), regenerate g = min(segment_len, L) tokens from
         this policy after prompt ⊕ chosen[:t], splice them in (dropping the suffix if the segment ended with EOS).
         → [{prompt_id, prompt, chosen, rejected, cut, segment_len, policy_version}]."""
         prompts = _as_prompts(prompts)
@@ -199,7 +200,7 @@ class GeneratorActor:
                                   f"{self.policy_version}: {e}") from None
         self.backend.load_weights(state)
         self.policy_version = version
-        self.awaiting_weights = False
+        self.awaiting_restore = False
         self.counters["weight_loads"] += 1
         self.counters["busy_seconds"] += time.perf_counter() - start
         return version
@@ -209,7 +210,7 @@ class GeneratorActor:
 
     def serve_initial_weights(self) -> int:
         """After a restart, when no weights were ever published: the initial ones are the current ones."""
-        self.awaiting_weights = False
+        self.awaiting_restore = False
         return self.policy_version
 
     def hold(self, point: str, marker: str, skip: int = 0) -> None:
@@ -218,7 +219,7 @@ class GeneratorActor:
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,
-                "awaiting_weights": self.awaiting_weights,  # restarted, not yet given the current weights
+                "awaiting_restore": self.awaiting_restore,  # restarted, not yet given the current weights
                 "pid": os.getpid(), **self.counters}  # a new pid: Ray restarted this generator
 
     def weights(self) -> dict[str, torch.Tensor]:

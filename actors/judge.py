@@ -1,7 +1,8 @@
 """JudgeActor: one judge model behind an async Ray actor that merges concurrent requests into one batch.
 
 Several generators call `judge(groups)` at once; calls arriving within `max_wait_s` of each other are judged
-together (one model batch), and each caller gets back its own verdicts plus replay rows as an Arrow table.
+together (one model batch), and each caller gets back its replay rows as an Arrow table and its counts (the
+K×K verdicts only when it asks for them: tests and tools; the driver needs rows).
 
 Bad input stays with its caller: a malformed group (no candidates, a prompt that is not text) fails only the
 call that sent it; bad judge output (NaN, inf, a probability outside [0, 1]) and empty responses are counted
@@ -17,6 +18,7 @@ from typing import Any
 import ray
 
 from actors.faults import HoldPoints
+from actors.remote import restarted
 from selfplay.judges import make_judge
 from selfplay.judges.calls import SKIP_COUNTERS, judge_calls
 
@@ -32,15 +34,16 @@ class JudgeActor:
         self._flusher: asyncio.Task | None = None
         self.counters = {"calls": 0, "groups": 0, "batches": 0, "bad_calls": 0, **dict.fromkeys(SKIP_COUNTERS, 0)}
         self.holds = HoldPoints()  # chaos tests only: hold a call until the test kills this process
+        self.awaiting_restore = restarted()  # stateless, but a restart is counted once, when the driver recovers it
 
-    async def judge(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    async def judge(self, groups: list[dict[str, Any]], verdicts: bool = False) -> dict[str, Any]:
         """Judge groups {prompt_id, prompt, candidates, policy_version[, candidates_prev]}.
 
-        Returns {"verdicts": [per group: probs K×K, scores, winner, loser, p_winner, p_loser, valid, skip_reason],
-                 "rows": Arrow table of replay rows (groups with a strict winner),
+        Returns {"rows": Arrow table of replay rows (groups with a strict winner), "groups": int,
                  "skipped_ties": int, "skipped_invalid": int, "skipped_empty": int,  # groups without a row
                  "empty_responses": int}  # empty candidates judged as losing
-        A malformed group raises ValueError (naming the group) to this caller only.
+        and, with verdicts=True, "verdicts": [per group: probs K×K, scores, winner, loser, p_winner, p_loser,
+        valid, skip_reason]. A malformed group raises ValueError (naming the group) to this caller only.
         """
         await self.holds.enter_async("judge")
         future = asyncio.get_running_loop().create_future()
@@ -48,14 +51,21 @@ class JudgeActor:
         self.counters["calls"] += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        result = {**await future, "groups": len(groups)}
+        if not verdicts:
+            del result["verdicts"]
+        return result
 
     def hold(self, point: str, marker: str, skip: int = 0) -> None:
         """Chaos tests: hold the next `judge` call (after `skip` more) until this process is killed (actors/faults.py)."""
         self.holds.arm(point, marker, skip)
 
-    def stats(self) -> dict[str, int]:
-        return {**self.counters, "pid": os.getpid()}  # a new pid: Ray restarted this judge
+    def restore(self) -> None:
+        """After a restart: nothing to restore (a judge holds no state), only to acknowledge."""
+        self.awaiting_restore = False
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "awaiting_restore": self.awaiting_restore, "pid": os.getpid()}
 
     async def _flush(self) -> None:
         await asyncio.sleep(self.max_wait_s)  # let concurrent callers join this batch

@@ -28,7 +28,8 @@ from actors.faults import HoldPoints
 from actors.remote import get_all
 from selfplay.config import Config
 from selfplay.ema import ema_update
-from selfplay.objectives import encode_rows, loss_spec, preference_loss
+from selfplay.objectives import encode_rows, preference_loss
+from selfplay.recipes import make_recipe
 from selfplay.weights import pack_buckets
 
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,7 +109,8 @@ class LearnerActor:
         model, self.tokenizer = load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=self.policy_path),
                                                           cfg.seed)
         model.train()
-        self.spec = loss_spec(cfg)
+        self.recipe = make_recipe(cfg)  # the loss, whether to keep an EMA, and how it moves
+        self.spec = self.recipe.loss
         # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
         self.reference = None
         if self.spec.needs_reference:
@@ -120,7 +122,7 @@ class LearnerActor:
                 self.reference = _frozen_copy(reference)
             else:
                 self.reference = _frozen_copy(model)
-        self.ema = _frozen_copy(model) if cfg.algorithm == "sapo" else None
+        self.ema = _frozen_copy(model) if self.recipe.ema else None
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, self.world_size, self.on_gpu))
         # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
@@ -148,7 +150,7 @@ class LearnerActor:
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
         self.step += 1
-        if self.ema is not None and self.step % self.cfg.sapo.ema_every == 0:
+        if self.ema is not None and self.step % self.recipe.ema.every == 0:
             self._update_ema()
         if grad_norm is None:  # ZeRO >= 1: DeepSpeed's optimizer computed it during step()
             grad_norm = self.engine.get_global_grad_norm()
@@ -184,17 +186,17 @@ class LearnerActor:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
-    def refresh_reference(self) -> None:
-        """Reference ← current policy (SPPO: the policy at the start of each iteration)."""
+    def refresh_reference(self, source: str = "policy") -> None:
+        """Reference ← the current policy or EMA policy (the recipe's `reference_refresh` says which, and when)."""
         if self.reference is None:
             return
         start = time.perf_counter()
-        self.reference.load_state_dict(self.full_state(), strict=False)
+        self.reference.load_state_dict(self.full_state(source), strict=False)
         self._busy_since(start)
 
     def _update_ema(self) -> None:
         with self._gathered():
-            ema_update(self.ema, self.engine.module, self.cfg.sapo.ema_alpha)
+            ema_update(self.ema, self.engine.module, self.recipe.ema.alpha)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
@@ -419,8 +421,8 @@ class LearnerGroup:
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
         return self._get([a.full_state.remote(which) for a in self.actors], "full_state")[0]
 
-    def refresh_reference(self) -> None:
-        self._get([a.refresh_reference.remote() for a in self.actors], "refresh_reference")
+    def refresh_reference(self, source: str = "policy") -> None:
+        self._get([a.refresh_reference.remote(source) for a in self.actors], "refresh_reference")
 
     def save_checkpoint(self, directory: str | Path) -> str:
         return self._get([a.save_checkpoint.remote(str(directory)) for a in self.actors], "save_checkpoint")[0]

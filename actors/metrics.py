@@ -1,12 +1,67 @@
 """What a run reports, in three places at once: `metrics.jsonl` (one object per learner step), W&B (when
 `logging.wandb` is on; offline with WANDB_MODE=offline) and Ray custom metrics, which the Ray dashboard and
-its Prometheus endpoint show live."""
+its Prometheus endpoint show live. Also the run's counters and its end-of-run summary
+(docs/architecture.md, "The driver")."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+
+@dataclasses.dataclass
+class Counters:
+    samples_generated: int = 0  # responses sampled
+    groups_judged: int = 0
+    rows_added: int = 0  # replay rows acknowledged by the buffer
+    skipped_ties: int = 0  # judged groups without a row: the judge could not tell the candidates apart,
+    skipped_invalid: int = 0  # … it returned NaN / inf / an out-of-range probability,
+    skipped_empty: int = 0  # … or every candidate was empty
+    empty_responses: int = 0  # empty candidates, judged as losing without asking the judge
+    samples_trained: int = 0
+    learner_steps: int = 0
+    weight_syncs: int = 0
+    requests_reissued: int = 0  # generator requests or judge calls sent again after their actor died
+
+
+def utilization(counters: Counters, generators: list[dict], learners: list[dict], loop_seconds: float,
+                generated: list[tuple[float, float]], trained: list[tuple[float, float]]) -> dict[str, Any]:
+    """Throughput and idle fractions of the training loop (set-up, final checkpoint and eval excluded), from the
+    actors' own busy time (generating or loading weights; training, publishing weights) and the driver's
+    generation / training intervals, whose overlap is the time both ran at once."""
+    busy_g = [s["busy_seconds"] for s in generators]
+    busy_l = [s["busy_seconds"] for s in learners]
+    overlap = sum(max(0.0, min(ge, te) - max(gs, ts)) for gs, ge in generated for ts, te in trained)
+    return {
+        "loop_seconds": round(loop_seconds, 3),
+        "samples_trained_per_s": counters.samples_trained / loop_seconds,
+        "samples_generated_per_s": counters.samples_generated / loop_seconds,
+        "generator_idle_fraction": 1 - sum(busy_g) / (len(busy_g) * loop_seconds),
+        "learner_idle_fraction": 1 - sum(busy_l) / (len(busy_l) * loop_seconds),
+        "generator_versions": [s["policy_version"] for s in generators],  # served at the end
+        "generate_train_overlap_seconds": round(overlap, 3),
+    }
+
+
+def summary(cfg, counters: Counters, evals: list[dict], replay_stats: dict, **extra: Any) -> dict[str, Any]:
+    """summary.json: the final evaluation, the counters, what the buffer did with its rows, plus `extra`."""
+    c, final, stats = counters, evals[-1], replay_stats
+    return {
+        "algorithm": cfg.algorithm, "mode": cfg.mode,
+        "learner_steps": c.learner_steps, "samples_generated": c.samples_generated,
+        "samples_trained": c.samples_trained, "samples_dropped_stale": stats["dropped_stale"],
+        "weight_syncs": c.weight_syncs, "winrate_vs_initial": final["winrate_vs_initial"],
+        "winrate_stderr": final["stderr"], "task_score": final["task_score"],
+        "initial_task_score": final["initial_task_score"], "eval_prompts": final["n"],
+        "requests_reissued": c.requests_reissued, "rows_added": c.rows_added,
+        # acknowledged rows the buffer no longer accounts for (in it, sampled away, evicted or dropped): 0
+        "rows_lost": c.rows_added - stats["added"],
+        "skipped_ties": c.skipped_ties, "skipped_invalid": c.skipped_invalid, "skipped_empty": c.skipped_empty,
+        "empty_responses": c.empty_responses, "rows_evicted": stats["evicted"], "rows_retired": stats["retired"],
+        **extra, "evals": evals,
+    }
 
 
 class RunMetrics:

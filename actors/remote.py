@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -68,3 +68,22 @@ def wait_restarted(handle, timeout_s: float, role: str, key: Any) -> Any:
             raise TimeoutError(f"{role} {key}: not back within {timeout_s:.0f}s of its restart") from None
         except ray.exceptions.RayActorError as e:
             raise ActorDiedError(f"{role} {key}: died and was not restarted: {e}", key, role) from e
+
+
+def recover(handle, role: str, key: Any, restore: Callable[[], Any], timeout_s: float) -> bool:
+    """The one recovery rule for generators, judges and replay shards: actor `key` died and Ray restarts it.
+    Wait until it answers, run `restore()` (the newest weights, its rows, …) on the process that says
+    `awaiting_restore`, and return True: the caller counts one restart. `ray.kill` and crashes are asynchronous:
+    the dying process may still answer for a moment (False: the caller's call fails again and it comes back
+    here), and the new one may die during its restore (then it is waited for again, within `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = wait_restarted(handle, max(1.0, deadline - time.monotonic()), role, key)
+        if not stats["awaiting_restore"]:  # not restarted, or the old process not yet gone
+            return False
+        try:
+            restore()
+            return True
+        except ActorDiedError:  # died again during its restore: Ray restarts it once more (or gives up)
+            if time.monotonic() > deadline:
+                raise

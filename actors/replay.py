@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 
 from actors.faults import HoldPoints
-from actors.remote import ActorDiedError, ActorRestarted, get_all, restarted, wait_restarted
+from actors.remote import ActorDiedError, ActorRestarted, get_all, recover, restarted
 from selfplay.buffer import SAMPLING, SCHEMA, ReplayShard, ShardCounters, allocate, shard_of, to_table
 
 MANIFEST = "manifest.json"
@@ -191,9 +191,6 @@ class ReplayBuffer:
     def shard_stats(self) -> list[dict[str, int]]:
         stats = self._call({i: ("stats",) for i in range(self.num_shards)}, "stats")
         for i in [i for i, st in stats.items() if st["awaiting_restore"]]:  # restarted while idle
-            if self.restarts >= self.max_restarts:
-                raise ActorDiedError(f"replay shard {i} was restarted more than max_restarts={self.max_restarts} "
-                                     "times", i, "replay shard")
             self._recover(i)
             stats[i] = self._call({i: ("stats",)}, "stats")[i]
         return [stats[i] for i in range(self.num_shards)]
@@ -282,8 +279,7 @@ class ReplayBuffer:
 
     def _call(self, calls: dict[int, tuple], what: str) -> dict:
         """{shard: (method, *args)} → {shard: result}. Each wait is bounded and names the shard. A shard that died
-        is restored (its last snapshot, then every row acknowledged since) once Ray has restarted it, and its
-        call is issued again; other shards' calls are not repeated."""
+        is recovered (`_recover`) and its call issued again; other shards' calls are not repeated."""
         refs = {i: getattr(self.shards[i], c[0]).remote(*c[1:]) for i, c in calls.items()}
         out = {}
         for i, ref in refs.items():
@@ -293,34 +289,34 @@ class ReplayBuffer:
                     out[i] = get_all({i: ref}, self.timeout_s, what, "replay shard")[i]
                     break
                 except ActorDiedError:
-                    if self.restarts >= self.max_restarts or time.monotonic() > deadline:
+                    if time.monotonic() > deadline:
                         raise
-                    try:
-                        self._recover(i)
-                    except ActorDiedError:  # died again while it was being restored: start over
-                        if time.monotonic() > deadline:
-                            raise
-                        continue
+                    self._recover(i)
                     ref = getattr(self.shards[i], calls[i][0]).remote(*calls[i][1:])
         return out
 
     def _recover(self, i: int) -> None:
-        """Restore restarted shard i. A dying process may still answer for a moment (`ray.kill` and crashes are
-        asynchronous): only a shard that says it awaits its rows is restored and counted."""
-        if not wait_restarted(self.shards[i], self.timeout_s, "replay shard", i)["awaiting_restore"]:
-            time.sleep(0.1)  # the old process, not yet gone: the call is issued again and tells
-            return
-        self.restarts += 1
+        """Shard i died: once Ray has restarted it, restore its last snapshot and every row acknowledged since
+        (`actors.remote.recover`, the rule shared with generators and judges), and count it."""
+        if self.restarts >= self.max_restarts:
+            raise ActorDiedError(f"replay shard {i} was restarted more than max_restarts={self.max_restarts} times",
+                                 i, "replay shard")
 
-        def call(method: str, *args):  # no recovery inside a recovery: a death here goes back to `_call`
+        def call(method: str, *args):  # no recovery inside a recovery: a death here is recovered once more
             return get_all({i: getattr(self.shards[i], method).remote(*args)}, self.timeout_s, method, "replay shard")
 
-        call("restore", self._snapshot_files.get(i))
-        for part in self._since_snapshot[i]:
-            call("add", part)
-        if self._trimmed[i]:  # acknowledged rows no longer in the log were past the FIFO window: count them evicted
-            call("count_evicted", self._trimmed[i])
-        self.replayed_rows += sum(p.num_rows for p in self._since_snapshot[i])
+        def restore() -> None:
+            call("restore", self._snapshot_files.get(i))
+            for part in self._since_snapshot[i]:
+                call("add", part)
+            if self._trimmed[i]:  # acknowledged rows no longer in the log were past the FIFO window: evicted
+                call("count_evicted", self._trimmed[i])
+
+        if recover(self.shards[i], "replay shard", i, restore, self.timeout_s):
+            self.restarts += 1
+            self.replayed_rows += sum(p.num_rows for p in self._since_snapshot[i])
+        else:
+            time.sleep(0.1)  # the old process, not yet gone: the call is issued again and tells
 
     def _log_rows(self, i: int, part: pa.Table) -> None:
         """Keep the rows shard i acknowledged since the last snapshot, at most its capacity of them: older ones

@@ -1,4 +1,4 @@
-"""Weight synchronization, learner rank 0 → generators (DESIGN.md §2, weight-sync protocol).
+"""Weight synchronization, learner rank 0 → generators (docs/architecture.md, "Weight sync, step by step").
 
 Two transports, one protocol: rank 0 gathers the full weights (ZeRO-3 included), packs them into buckets
 (`selfplay.weights.pack_buckets`) and publishes (version, manifest, checksums); each generator verifies
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from actors.remote import ActorDiedError, get_all, wait_restarted
+from actors.remote import ActorDiedError, get_all, recover
 from selfplay.weights import Packed, WeightSyncError
 
 
@@ -136,7 +136,9 @@ class WeightSync:
         self.latest_version = get_all({0: learners.actors[0].get_version.remote()}, timeout_s, "version", "learner")[0]
         self.generator_versions = {i: 0 for i in range(len(self.generators))}  # fresh generators: initial weights
         self.last_published: dict | None = None  # the newest object-store update: a restarted generator loads it
-        self.on_generator_died = self.restore_generator  # the driver swaps in its own handler (it counts restarts)
+        # generator i died during a weight load: the driver recovers it (and counts it); standalone, just recover
+        self.on_generator_died = lambda i: recover(self.generators[i], "generator", i,
+                                                   lambda: self.restore_generator(i), self.timeout_s)
         if transport == "collective":
             self._open_channel()
 
@@ -223,35 +225,20 @@ class WeightSync:
 
     def restore_generator(self, i: int) -> None:
         """Generator i was restarted by Ray and serves its initial weights: load the newest published version
-        into it (its next request is queued behind this load). `ray.kill` and crashes are asynchronous: the dying
-        process may still answer for a moment, or the new one die again; recovery waits for a process that says
-        it needs weights, and starts over if that one dies too."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            state = wait_restarted(self.generators[i], max(1.0, deadline - time.monotonic()), "generator", i)
-            self.generator_versions[i] = state["policy_version"]
-            if not state["awaiting_weights"]:  # the old process, not yet gone (its next call fails: we come back)
-                return
-            if self.transport != "object_store" and self.latest_version:
-                raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport "
-                                   "cannot bring it the current weights; use the object_store transport for "
-                                   "restartable generators, or resume the run from its last checkpoint")
-            pub = self.last_published
-            if self.latest_version and pub is None:  # the first push is still being published: its loads bring them
-                return
-            try:
-                if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
-                    get_all({i: self.generators[i].serve_initial_weights.remote()}, self.timeout_s, "restart",
-                            "generator")
-                else:
-                    ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"],
-                                                                 pub["checksums"])
-                    self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
-                                                         "generator")[i]
-                return
-            except ActorDiedError:  # died again during its recovery: Ray restarts it once more (or gives up)
-                if time.monotonic() > deadline:
-                    raise
+        into it before it serves again (the recovery rule around it: `actors.remote.recover`)."""
+        if self.transport != "object_store" and self.latest_version:
+            raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport "
+                               "cannot bring it the current weights; use the object_store transport for "
+                               "restartable generators, or resume the run from its last checkpoint")
+        pub, self.generator_versions[i] = self.last_published, 0
+        if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
+            self.generator_versions[i] = get_all({i: self.generators[i].serve_initial_weights.remote()},
+                                                 self.timeout_s, "restart", "generator")[i]
+        elif pub is not None:  # (none yet: the first push is still being published, and its loads bring them)
+            ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"],
+                                                         pub["checksums"])
+            self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
+                                                 "generator")[i]
 
     def version_lag(self, learner_version: int) -> dict[int, int]:
         """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""

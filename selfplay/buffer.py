@@ -1,6 +1,6 @@
 """The replay shard without Ray: a FIFO window of Arrow rows with sampling counters and Parquet snapshots.
 
-Rows follow DESIGN.md §5 (`SCHEMA`). The shard keeps its rows as one Arrow table (appends and evictions are
+Rows follow docs/architecture.md, "Replay rows" (`SCHEMA`). The shard keeps its rows as one Arrow table (appends and evictions are
 zero-copy chunk operations) and `times_sampled` as a NumPy counter beside it, because Arrow arrays are
 immutable and the counter changes on every sample.
 """

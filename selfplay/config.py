@@ -93,6 +93,8 @@ class SAPOConfig:
     ema_alpha: float = 0.5  # paper: 0.5
     ema_every: int = 2  # paper: every 2 steps
     segment_len: int = 256  # paper: 256
+    # learner steps between reference ← EMA policy refreshes (official SAPO: ref_update_mode ema); 0 = never
+    reference_update_every: int = 0
 
 
 @dataclass
@@ -115,6 +117,9 @@ class TrainConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD, for equivalence checks (an update linear in the gradient)
+    # how a response's token log-probs are reduced before the loss: sum = the papers' sequence log-probs;
+    # token_mean = per-token means (sum / response tokens), as TRL's IPO. Not applied to ORPO (already means).
+    loss_average: Literal["sum", "token_mean"] = "sum"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     sync_every: int = 1  # push weights to generators every N learner steps
@@ -454,6 +459,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(0 <= cfg.sapo.ema_alpha <= 1, "sapo.ema_alpha", "must be in [0, 1]")
     check(cfg.sapo.ema_every >= 1, "sapo.ema_every", "must be >= 1")
     check(cfg.sapo.segment_len >= 1, "sapo.segment_len", "must be >= 1")
+    check(cfg.sapo.reference_update_every >= 0, "sapo.reference_update_every", "must be >= 0 (0: never)")
     check(0 <= cfg.srpo.alpha <= 1, "srpo.alpha", "must be in [0, 1]")
     check(cfg.srpo.beta > 0, "srpo.beta", "must be > 0")
     check(cfg.srpo.revisions >= 0, "srpo.revisions", "must be >= 0")

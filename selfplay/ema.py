@@ -1,4 +1,5 @@
-"""Exponential moving average of parameters (SAPO's EMA policy, DESIGN.md §4)."""
+"""Exponential moving average of parameters: SAPO's EMA policy (docs/architecture.md, "Math and its check
+values")."""
 
 from __future__ import annotations
 

@@ -85,3 +85,19 @@ def against_initial(cfg, model, initial_policy: str, prompts: list[Prompt], judg
         return head_to_head(model, initial, tok, tok, prompts, judge, seed=cfg.seed + 7, task=task,
                             max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.eval.temperature,
                             top_p=cfg.generation.top_p)
+
+
+def evaluate_run(cfg, step: int, initial_policy: str, prompts: list[Prompt], task=None, model_dir: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> dict:
+    """A run's evaluation record at `step`: its policy — a saved model directory, or the initial policy with the
+    learners' current `state` loaded — against the initial policy, with the task judge or the configured one."""
+    from selfplay.judges import make_judge
+    from selfplay.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(initial_policy, cfg.model.trust_remote_code)
+    current = load_causal_lm(model_dir or initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
+    if state is not None:
+        current.load_state_dict(state, strict=False)
+    result = against_initial(cfg, current, initial_policy, prompts, make_judge(cfg.judge, cfg.task), task, tokenizer=tok)
+    return {"step": step, "winrate_vs_initial": result["winrate"], "stderr": result["stderr"],
+            "task_score": result["task_score_a"], "initial_task_score": result["task_score_b"], "n": result["n"]}

@@ -1,4 +1,5 @@
-"""Summed response log-probabilities with the prompt masked out (DESIGN.md §4: logp(y)).
+"""Summed response log-probabilities with the prompt masked out: logp(y) of docs/architecture.md, "Math and its
+check values".
 
 A batch is (prompt ⊕ response) token rows padded on either side; `response_mask` marks response tokens.
 Padding side does not change the result: positions are derived from the attention mask.

@@ -1,6 +1,7 @@
-"""Preference losses as pure functions of tensors (DESIGN.md §4).
+"""Preference losses as pure functions of tensors (docs/architecture.md, "Check values"; docs/conventions.md).
 
-Every loss takes *summed* response log-probabilities (see `selfplay.logprobs`) of shape [B] and returns a
+Every loss takes response log-probabilities (see `selfplay.logprobs`) of shape [B] — summed over the response,
+or per-token means with `train.loss_average: token_mean` (selfplay.objectives) — and returns a
 per-example loss of shape [B]; the caller reduces. Notation: h(y) = logp_policy(y) - logp_ref(y).
 """
 

@@ -1,7 +1,10 @@
 """From replay rows to a preference loss: tokenize pairs, score them under policy and reference, apply the
 algorithm's loss from `selfplay.losses`. Pure torch — learners call it with their (DeepSpeed) module.
 
-Which loss: SPPO → sppo, SRPO → srpo, SAPO → `sapo.loss` (dpo | ipo | orpo); `train.loss` overrides.
+Which loss: the recipe's (`selfplay.recipes`: SPPO → sppo, SRPO → srpo, SAPO → `sapo.loss`); `train.loss` overrides.
+`train.loss_average`: sum (default: the papers' sequence log-probs) or token_mean (each response's log-probs, policy
+and reference, pairs and SRPO revisions, divided by its response token count, as TRL's IPO) — applied before the
+loss. ORPO always uses per-token means (`losses.orpo_loss`), so the key does not apply to it (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from selfplay import losses
 from selfplay.logprobs import build_batch, response_logprobs
 from selfplay.tasks.base import chat_prompt
 
-LOSSES = ("dpo", "ipo", "orpo", "sppo", "srpo")
+AVERAGES = ("sum", "token_mean")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class LossSpec:
     alpha: float = 0.5  # SRPO's mix of L_self and L_gen
     orpo_lambda: float = 0.1
     revision_template: str = "{prompt}\n{response}"
+    average: str = "sum"  # train.loss_average: "sum" or "token_mean" (ORPO: not applied, it uses means already)
 
     @property
     def needs_reference(self) -> bool:
@@ -34,12 +38,10 @@ class LossSpec:
 
 
 def loss_spec(cfg) -> LossSpec:
-    """The loss a `Config` asks for."""
-    name = cfg.train.loss or {"sppo": "sppo", "srpo": "srpo", "sapo": cfg.sapo.loss}[cfg.algorithm]
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; use one of {LOSSES}")
-    beta = {"sppo": cfg.sppo.beta, "srpo": cfg.srpo.beta}.get(name, cfg.sapo.beta)
-    return LossSpec(name, beta, cfg.srpo.alpha, cfg.sapo.orpo_lambda, cfg.srpo.revision_template)
+    """The loss a `Config` asks for: its recipe's (selfplay.recipes)."""
+    from selfplay.recipes import make_recipe
+
+    return make_recipe(cfg).loss
 
 
 def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
@@ -65,6 +67,13 @@ def _logps(model, batches: dict[str, dict[str, Tensor]], device) -> dict[str, tu
     return {k: response_logprobs(model, {n: v.to(device) for n, v in b.items()}) for k, b in batches.items()}
 
 
+def _averaged(logps: dict[str, tuple[Tensor, Tensor]], spec: LossSpec) -> dict[str, tuple[Tensor, Tensor]]:
+    """token_mean: (summed log-prob / response tokens, tokens) per batch; sum, or ORPO: unchanged."""
+    if spec.average != "token_mean" or spec.name == "orpo":
+        return logps
+    return {k: (lp / nt.clamp(min=1).to(lp), nt) for k, (lp, nt) in logps.items()}
+
+
 def preference_loss(
     policy,
     reference,
@@ -73,15 +82,22 @@ def preference_loss(
     p_chosen: Tensor | None = None,
     p_rejected: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-example loss [B] and per-example metrics (reward margin, log-probs, response tokens)."""
+    """Per-example loss [B] and per-example metrics (reward margin, log-probs, response tokens).
+
+    With `spec.average == "token_mean"` every log-prob (policy and reference; pairs and SRPO revisions) is the
+    per-token mean of its response before any loss is applied, and the metrics report those means; ORPO is left
+    as is (it takes sums and counts).
+    """
+    if spec.average not in AVERAGES:
+        raise ValueError(f"unknown loss average {spec.average!r}; use one of {AVERAGES}")
     device = batches["pairs"]["input_ids"].device
-    pol = _logps(policy, batches, device)
+    pol = _averaged(_logps(policy, batches, device), spec)
     logp, ntok = pol["pairs"]
     n = logp.shape[0] // 2
     pi_w, pi_l = logp[:n], logp[n:]
     if spec.needs_reference:
         with torch.no_grad():
-            ref = _logps(reference, batches, device)
+            ref = _averaged(_logps(reference, batches, device), spec)
         ref_w, ref_l = ref["pairs"][0][:n], ref["pairs"][0][n:]
     else:
         ref_w = ref_l = torch.zeros_like(pi_w)

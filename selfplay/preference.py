@@ -1,4 +1,5 @@
-"""Judge outputs → K×K win probabilities → SPPO targets and the chosen/rejected pair (DESIGN.md §4).
+"""Judge outputs → K×K win probabilities → SPPO targets and the chosen/rejected pair (docs/architecture.md,
+"Math and its check values").
 
 Shapes: comparison logits C are [B, K, K] (C[b, i, j]: logit that sample i beats sample j for prompt b);
 scores s are [B, K].

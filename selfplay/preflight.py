@@ -36,10 +36,11 @@ def held_out(prompt_id: str, fraction: float) -> bool:
 def run_prompts(cfg: Config) -> tuple[list, list, Any, list[str]]:
     """(training prompts, held-out prompts, the synthetic task or None, bad records skipped as `file:line:
     problem`) of a run."""
+    from selfplay.recipes import RECIPES
     from selfplay.tasks import load_task_prompts, make_task
 
     if cfg.task.name == "file":
-        prompts = load_task_prompts(cfg.task, cfg.algorithm)
+        prompts = load_task_prompts(cfg.task, RECIPES[cfg.algorithm].needs_reference_answers)
         held = [p for p in prompts if held_out(p.prompt_id, cfg.task.heldout_fraction)]
         train = [p for p in prompts if not held_out(p.prompt_id, cfg.task.heldout_fraction)]
         return train, held[: cfg.eval.prompts], None, prompts.problems

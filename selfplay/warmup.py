@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -75,3 +76,18 @@ def evaluate_task(
         "exact": sum(s == 1.0 for s in scores) / len(scores),
         "n": float(len(scores)),
     }
+
+
+def initial_policy(cfg, prompts: list[Prompt], out_dir: Path, log: Callable[[str], None] = print) -> str:
+    """The run's initial policy: the tiny model is warmed up on `prompts` into a weak one and saved under
+    `out_dir/initial_policy`; any other model starts as it is."""
+    if cfg.model.policy != "tiny":
+        return cfg.model.policy
+    from selfplay.models import load_policy_and_tokenizer, save_pretrained
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_policy_and_tokenizer(cfg.model, cfg.seed)
+    if cfg.warmup.steps:
+        supervised_warmup(model, tok, prompts, steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size,
+                          lr=cfg.warmup.lr, seed=cfg.seed, log=log, log_every=max(1, cfg.warmup.steps // 2))
+    return str(save_pretrained(model, tok, Path(out_dir) / "initial_policy"))

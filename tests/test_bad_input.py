@@ -213,9 +213,9 @@ def test_parquet_bad_bytes_and_broken_file(tmp_path):
 def test_sapo_prompt_without_reference_is_caught_at_load_not_mid_run(tmp_path):
     f = write(tmp_path, "p.jsonl", '{"prompt": "a", "answer": "A"}\n{"prompt": "b"}\n{"prompt": "c", "answer": " "}\n')
     cfg = TaskConfig(name="file", path=str(f), reference_field="answer")
-    assert len(load_task_prompts(cfg, "sppo")) == 3  # references are optional for SPPO
+    assert len(load_task_prompts(cfg, require_reference=False)) == 3  # references are optional for SPPO
     with pytest.raises(PromptFileError) as e:
-        load_task_prompts(cfg, "sapo")
+        load_task_prompts(cfg, require_reference=True)
     assert f"{f}:2: field 'answer': missing reference answer" in str(e.value)
     assert f"{f}:3: field 'answer': empty reference answer" in str(e.value)
 

@@ -60,6 +60,8 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
         ("train:\n  steps: many\n", "train.steps", "expected an integer"),
         ("logging:\n  wandb: 1\n", "logging.wandb", "expected true or false"),
         ("mode: sideways\n", "mode", "expected one of 'sync', 'async'"),
+        ("train:\n  loss_average: mean\n", "train.loss_average", "expected one of 'sum', 'token_mean'"),
+        ("sapo:\n  reference_update_every: -1\n", "sapo.reference_update_every", "must be >= 0"),
         ("train:\n  batch_size: 3\nresources:\n  num_learners: 2\n", "train.batch_size", "divide evenly"),
     ],
 )
@@ -75,6 +77,21 @@ def test_impossible_values_name_key_and_line(tmp_path, text, key, message):
     )
     assert f"{p}:{line}: {key}: " in str(e.value)
     assert message in str(e.value)
+
+
+def test_loss_average_and_reference_refresh_keys(tmp_path):
+    cfg = load_config()
+    assert cfg.train.loss_average == "sum" and cfg.sapo.reference_update_every == 0
+    cfg = load_config(None, ["train.loss_average=token_mean", "sapo.reference_update_every=108"])
+    assert cfg.train.loss_average == "token_mean" and cfg.sapo.reference_update_every == 108
+    p = write(tmp_path, "train:\n  loss_average: mean\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (f"invalid configuration: {p}:2: train.loss_average: expected one of 'sum', "
+                            "'token_mean', got 'mean'")  # the loader's one-line error
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sapo.reference_update_every=-2"])
+    assert str(e.value) == "invalid configuration: --set: sapo.reference_update_every: must be >= 0 (0: never), got -2"
 
 
 def test_all_problems_reported_at_once_and_overrides_named(tmp_path):

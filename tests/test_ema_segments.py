@@ -54,18 +54,49 @@ def test_splice_segments_batched_matches_single():
     assert [o.tolist() for o in out] == [[1, 9, 3], [8, 0]]
 
 
-def test_cut_points_range_and_uniformity():
+def test_cut_points_support_is_exactly_zero_to_official_bound_and_uniform():
+    # official SAPO (yinyueqin/SAPO sapo/alignment/utils.py:173-180): g = min(segment_len, L),
+    # t = randint(0, L − 3 − g) (inclusive) when L − 3 − g > 0, else 0
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([10] * 20000 + [3, 0])
+    n = 20000
+    lengths = torch.tensor([12] * n)
     t, g = sample_cut_points(lengths, segment_len=4, generator=gen)
-    assert g[:20000].eq(4).all() and g[-2:].tolist() == [3, 0]  # g = min(segment_len, L)
-    assert (t >= 0).all() and (t + g <= lengths).all()
-    assert t[-2:].tolist() == [0, 0]
-    counts = torch.bincount(t[:20000], minlength=7).float()
-    assert counts.numel() == 7  # t ∈ {0, …, L − g}
-    expected = 20000 / 7
+    assert g.eq(4).all()
+    bound = 12 - 3 - 4
+    assert t.min().item() == 0 and t.max().item() == bound
+    assert set(t.tolist()) == set(range(bound + 1))  # every admissible cut point is hit, and nothing else
+    counts = torch.bincount(t, minlength=bound + 1).float()
+    expected = n / (bound + 1)
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
-    assert chi2 < 22.5  # 6 degrees of freedom, p ≈ 0.001
+    assert chi2 < 20.5  # 5 degrees of freedom, p ≈ 0.001
+
+
+@pytest.mark.parametrize("segment_len", [1, 4, 256])
+def test_cut_points_never_touch_the_last_three_tokens(segment_len):
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.arange(0, 300).repeat_interleave(20)
+    t, g = sample_cut_points(lengths, segment_len=segment_len, generator=gen)
+    assert torch.equal(g, lengths.clamp(max=segment_len))
+    assert (t >= 0).all() and (t + g <= lengths).all()  # splice_segment's precondition, for every L
+    room = lengths >= g + 3
+    assert (t + g <= lengths - 3)[room].all()  # [t, t+g) stays clear of the last 3 tokens (the EOS among them)
+    assert t[~room].eq(0).all()  # L − 3 − g ≤ 0 → t = 0
+    assert (t <= (lengths - 3 - g).clamp(min=0)).all()
+
+
+def test_cut_point_is_zero_when_bound_is_not_positive():
+    lengths = torch.tensor([0, 1, 3, 5, 6, 7, 8])  # segment_len 4: L − 3 − g = −3, −3, −3, −2, −1, 0, 1
+    for seed in range(50):
+        t, g = sample_cut_points(lengths, segment_len=4, generator=torch.Generator().manual_seed(seed))
+        assert g.tolist() == [0, 1, 3, 4, 4, 4, 4]
+        assert t[:6].tolist() == [0] * 6 and t[6].item() in (0, 1)
+
+
+def test_cut_points_fixed_seed_check_value():
+    gen = torch.Generator().manual_seed(1234)
+    t, g = sample_cut_points(torch.tensor([20, 10, 7, 6, 5, 3, 0, 300]), segment_len=4, generator=gen)
+    assert t.tolist() == [0, 1, 0, 0, 0, 0, 0, 137]
+    assert g.tolist() == [4, 4, 4, 4, 4, 3, 0, 4]
 
 
 def test_cut_points_reject_bad_segment_len():

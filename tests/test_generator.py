@@ -144,7 +144,7 @@ def test_segment_rollout_splices_policy_segment_into_chosen(generators, backend,
     for r in out:
         ids = tokenizer(r["chosen"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         assert r["segment_len"] == min(4, len(ids))
-        assert 0 <= r["cut"] <= len(ids) - r["segment_len"]
+        assert 0 <= r["cut"] <= max(0, len(ids) - 3 - r["segment_len"])  # never into the last 3 tokens
         prefix = tokenizer.decode(ids[: r["cut"]], skip_special_tokens=True)
         assert r["rejected"].startswith(prefix)
     whole = ray.get(gen.segment_rollout.remote(PROMPTS[:2], chosen[:2], segment_len=1000, seed=3))

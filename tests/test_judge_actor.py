@@ -19,7 +19,7 @@ def test_judge_actor_batches_concurrent_callers_and_returns_rows(ray_cluster):
     from actors.judge import JudgeActor
 
     judge = JudgeActor.options(num_cpus=0.1).remote(JudgeConfig(kind="rule"), TaskConfig(), max_wait_s=0.2)
-    refs = [judge.judge.remote(groups(4, f"g{c}-")) for c in range(3)]  # three generators at once
+    refs = [judge.judge.remote(groups(4, f"g{c}-"), verdicts=True) for c in range(3)]  # three generators at once
     results = ray.get(refs, timeout=60)
     stats = ray.get(judge.stats.remote())
     assert stats["calls"] == 3 and stats["groups"] == 12
@@ -33,6 +33,9 @@ def test_judge_actor_batches_concurrent_callers_and_returns_rows(ray_cluster):
         assert rows.num_rows == 4 and set(rows.column("prompt_id").to_pylist()) == {f"g{c}-{i}" for i in range(4)}
         assert rows.column("chosen").to_pylist() == ["1 3 7 9"] * 4
         assert rows.column("policy_version").to_pylist() == [2] * 4
+    plain = ray.get(judge.judge.remote(groups(4, "plain-")), timeout=60)  # what the driver gets: rows and counts
+    assert "verdicts" not in plain and plain["groups"] == 4 and plain["rows"].num_rows == 4
+    assert (plain["skipped_ties"], plain["skipped_invalid"], plain["skipped_empty"]) == (0, 0, 0)
     ray.kill(judge)
 
 
@@ -42,7 +45,7 @@ def test_judge_actor_mixed_k_and_errors(ray_cluster, pairrm_dir):
     from actors.judge import JudgeActor
 
     judge = JudgeActor.options(num_cpus=0.1).remote(JudgeConfig(kind="pairrm", path=str(pairrm_dir)))
-    a, b = judge.judge.remote(groups(2, "k3-", k=3)), judge.judge.remote(groups(2, "k5-", k=5))
+    a, b = judge.judge.remote(groups(2, "k3-", k=3), True), judge.judge.remote(groups(2, "k5-", k=5), True)
     ra, rb = ray.get([a, b], timeout=120)
     assert len(ra["verdicts"][0]["probs"]) == 3 and len(rb["verdicts"][0]["probs"]) == 5
     for res in (ra, rb):

@@ -26,7 +26,7 @@ def test_rule_judge_bradley_terry_and_ties():
 
 
 def test_rule_judge_sppo_targets_equal_design_check_values():
-    # candidates whose task scores are the DESIGN.md check scores. DESIGN's comparison score counts both orders,
+    # candidates whose task scores are the docs/architecture.md check scores. Its comparison score counts both orders,
     # s_i = mean_j (C[i,j] − C[j,i]), so temperature 2 (C[i,j] = (s_i − s_j)/2) gives back s − mean(s), and
     # the shift leaves P = σ(s_i − s_j) unchanged.
     s = [0.8, -0.3, 1.6, 0.1, -1.2]

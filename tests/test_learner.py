@@ -120,6 +120,25 @@ def test_resume_continues_with_identical_next_step_loss(ray_cluster, tmp_path):
         second.shutdown()
 
 
+def test_sapo_reference_becomes_the_ema_policy_and_sppo_the_policy(ray_cluster):
+    """refresh_reference(source): the reference takes exactly the EMA's (SAPO) or the policy's (SPPO) weights."""
+    g = group(1, 0, algorithm="sapo", batch=4, extra=["sapo.ema_every=1", "sapo.ema_alpha=0.5"])
+    try:
+        before = g.full_state("reference")
+        g.train_step(rows(4))
+        ema, policy = g.full_state("ema"), g.full_state("policy")
+        assert any(not torch.equal(ema[k], before[k]) for k in ema)  # the EMA moved off the initial weights
+        assert any(not torch.equal(ema[k], policy[k]) for k in ema)  # … halfway to the policy, not onto it
+        g.refresh_reference("ema")
+        reference = g.full_state("reference")
+        assert all(torch.equal(reference[k], ema[k]) for k in ema)
+        g.refresh_reference("policy")
+        reference = g.full_state("reference")
+        assert all(torch.equal(reference[k], policy[k]) for k in policy)
+    finally:
+        g.shutdown()
+
+
 @pytest.mark.parametrize("algorithm, loss", [("sapo", "dpo"), ("sapo", "ipo"), ("sapo", "orpo"), ("srpo", None)])
 def test_every_loss_trains(ray_cluster, algorithm, loss):
     extra = [f"sapo.loss={loss}"] if loss else []

@@ -78,3 +78,105 @@ def test_orpo_prefers_likelier_chosen_and_is_finite():
 
 def test_reward_margin():
     assert reward_margin(t(-10.0), t(-12.0), t(-11.0), t(-11.5), 0.1).item() == pytest.approx(0.15)
+
+
+# -- train.loss_average through `preference_loss` on the tiny model ------------------------------------------
+
+ROWS = {  # responses of different lengths, so per-token means and sums rank pairs differently
+    "prompt": ["Sort: 3 1 2", "Sort: 9 7 8 1"],
+    "chosen": ["1 2 3", "1 7 8 9"],
+    "rejected": ["3 2 1 1 1 2", "9"],
+}
+
+
+@pytest.fixture(scope="module")
+def policy_and_reference(tiny):
+    import copy
+
+    model, tok = tiny
+    reference = copy.deepcopy(model)  # a perturbed copy: the tiny model itself is shared and must not change
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model, reference, tok
+
+
+def _by_hand(model, batch):
+    """Summed response log-probs and token counts, one token at a time (independent of selfplay.logprobs)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits.double()
+    logp = logits.log_softmax(-1)
+    sums, counts = [], []
+    for i in range(batch["input_ids"].shape[0]):
+        pos = [j for j in range(1, batch["input_ids"].shape[1]) if batch["response_mask"][i, j]]
+        sums.append(sum(logp[i, j - 1, batch["input_ids"][i, j]].item() for j in pos))
+        counts.append(len(pos))
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+
+
+def _spec(loss, average):
+    from selfplay.config import load_config
+    from selfplay.objectives import loss_spec
+
+    algorithm = "sapo" if loss in ("dpo", "ipo", "orpo") else loss
+    return loss_spec(load_config(None, [f"algorithm={algorithm}", f"train.loss={loss}",
+                                        f"train.loss_average={average}"]))
+
+
+def _loss(policy, reference, tok, spec):
+    from selfplay.objectives import encode_rows, preference_loss
+
+    batches = encode_rows(tok, ROWS, spec)
+    with torch.no_grad():
+        values, _ = preference_loss(policy, reference, batches, spec)
+    return values.double(), batches
+
+
+def test_token_mean_ipo_is_ipo_of_per_token_means(policy_and_reference):
+    policy, reference, tok = policy_and_reference
+    spec = _spec("ipo", "token_mean")
+    assert spec.average == "token_mean" and spec.beta == pytest.approx(0.1)
+    got, batches = _loss(policy, reference, tok, spec)
+    (pol, n), (ref, n_ref) = _by_hand(policy, batches["pairs"]), _by_hand(reference, batches["pairs"])
+    assert torch.equal(n, n_ref) and (n[:2] != n[2:]).all()  # chosen and rejected lengths differ
+    pol, ref = pol / n, ref / n
+    expected = ipo_loss(pol[:2], pol[2:], ref[:2], ref[2:], spec.beta)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert got.tolist() == pytest.approx([23.938076, 25.434919], rel=1e-4)  # check value (tiny model, seed 0)
+
+
+def test_sum_ipo_is_unchanged_and_differs_from_token_mean(policy_and_reference):
+    policy, reference, tok = policy_and_reference
+    spec = _spec("ipo", "sum")
+    assert spec.average == "sum"
+    got, batches = _loss(policy, reference, tok, spec)
+    pol, ref = _by_hand(policy, batches["pairs"])[0], _by_hand(reference, batches["pairs"])[0]
+    assert torch.allclose(got, ipo_loss(pol[:2], pol[2:], ref[:2], ref[2:], spec.beta), rtol=1e-4, atol=1e-5)
+    mean, _ = _loss(policy, reference, tok, _spec("ipo", "token_mean"))
+    assert not torch.allclose(got, mean, rtol=1e-3)
+
+
+def test_token_mean_srpo_averages_revisions_too(policy_and_reference):
+    policy, reference, tok = policy_and_reference
+    spec = _spec("srpo", "token_mean")
+    got, batches = _loss(policy, reference, tok, spec)
+    h = {}
+    for key in ("pairs", "revisions"):
+        (pol, n), (ref, _) = _by_hand(policy, batches[key]), _by_hand(reference, batches[key])
+        h[key] = pol / n - ref / n
+    w_l, l_l, w_w, l_w = h["revisions"].split(2)
+    expected = srpo_loss(w_l, l_l, w_w, l_w, h["pairs"][:2], h["pairs"][2:], spec.beta, spec.alpha)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_average_does_not_apply_to_orpo_and_bad_values_are_refused(policy_and_reference):
+    import dataclasses
+
+    policy, reference, tok = policy_and_reference
+    summed, _ = _loss(policy, reference, tok, _spec("orpo", "sum"))
+    mean, _ = _loss(policy, reference, tok, _spec("orpo", "token_mean"))
+    assert torch.equal(summed, mean)  # ORPO takes per-token means already
+    with pytest.raises(ValueError, match="unknown loss average 'mean'"):
+        _loss(policy, reference, tok, dataclasses.replace(_spec("ipo", "sum"), average="mean"))

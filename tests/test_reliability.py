@@ -81,7 +81,7 @@ def test_killed_generator_judge_and_replay_shard_are_restarted_and_nothing_is_lo
         "replay.max_reuse=1"])
     out = tmp_path / "chaos"
     driver, thread, result = start_driver(cfg, out)
-    wait_for(lambda: hasattr(driver, "sync") or not thread.is_alive(), 300, "the actors")
+    wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
     # each actor is killed inside a call, at a known point: its second request / judge call / add from now on
     points = {"generator": (driver.generators[0], "request"), "judge": (driver.judges[0], "judge"),
               "replay_shard": (driver.replay.shards[0], "add")}
@@ -147,7 +147,7 @@ def test_a_learner_failure_resumes_from_the_last_checkpoint_by_itself(ray_cluste
         "eval.prompts=10", "resources.generator_cpus=0.25"])
     out = tmp_path / "learner-dies"
     driver, thread, result = start_driver(cfg, out)
-    wait_for(lambda: hasattr(driver, "sync") or not thread.is_alive(), 300, "the actors")
+    wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
     # rank 0 dies inside step 7: the checkpoints of steps 2, 4 and 6 are written, the run is not finished
     marker = tmp_path / "learner.held"
     ray_cluster.get(driver.learners.actors[0].hold.remote("train_step 7", str(marker)), timeout=120)

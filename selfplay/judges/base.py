@@ -90,7 +90,7 @@ class JudgedGroups:
     probs: Tensor  # [B, K, K] P(i ≻ j); ½ everywhere for invalid groups
     scores: Tensor  # [B, K]; zeros for invalid groups
     targets: SPPOTargets
-    rows: list[dict[str, Any] | None]  # one replay row (DESIGN.md §5) per group; None where skipped
+    rows: list[dict[str, Any] | None]  # one replay row (docs/architecture.md, "Replay rows") per group; None where skipped
     skipped_ties: int
     skipped_invalid: int = 0
     skipped_empty: int = 0

@@ -1,14 +1,12 @@
-"""What each algorithm generates and how its outputs become judge groups (one prompt + its candidates).
+"""One recipe per algorithm: the single definition of what it does (`selfplay.recipes.base.Recipe`).
 
-Every recipe has the same three parts, so the driver runs all three algorithms with one loop:
-  - `weights`: which weights the generators serve (SAPO: the EMA policy; SPPO/SRPO: the policy);
-  - `request(generator, prompts)`: the generator call for a batch of prompts (a Ray ObjectRef);
-  - `groups(results)`: generator results → judge groups {prompt_id, prompt, candidates, policy_version, …}.
-The judge turns groups into replay rows; the learners apply the recipe's loss (`selfplay.objectives`).
-Generator output is normalized to text on the way (`selfplay.recipes.base`): an empty or missing response is the
-empty string, judged as losing, never a crash (see there).
+A recipe says which weights generators serve (`weights`: the policy, or SAPO's EMA policy), whether the learners
+keep an EMA (`ema`), the loss and its parameters (`loss`), whether prompts need reference answers, the generator
+call for a batch of prompts (`request`), how its results become judge groups (`groups`, `responses`) and when
+the reference model is refreshed, from what (`reference_refresh`). The driver runs all three with one loop.
 """
 
+from selfplay.recipes.base import EMA, Recipe
 from selfplay.recipes.sapo import SAPORecipe
 from selfplay.recipes.sppo import SPPORecipe
 from selfplay.recipes.srpo import SRPORecipe
@@ -16,8 +14,8 @@ from selfplay.recipes.srpo import SRPORecipe
 RECIPES = {"sppo": SPPORecipe, "sapo": SAPORecipe, "srpo": SRPORecipe}
 
 
-def make_recipe(cfg):
+def make_recipe(cfg) -> Recipe:
     return RECIPES[cfg.algorithm](cfg)
 
 
-__all__ = ["RECIPES", "SAPORecipe", "SPPORecipe", "SRPORecipe", "make_recipe"]
+__all__ = ["EMA", "RECIPES", "Recipe", "SAPORecipe", "SPPORecipe", "SRPORecipe", "make_recipe"]

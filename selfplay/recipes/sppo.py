@@ -1,23 +1,26 @@
 """SPPO (arXiv 2405.00675): K samples per prompt from the current policy → K×K judge matrix → Hedge targets.
 
-The reference model is the policy at the start of each iteration (`iterations` × `steps_per_iteration`).
+Generators serve the policy; no EMA; loss `sppo` (docs/architecture.md, "Losses"); the reference model is the
+policy at the start of each iteration (`sppo.iterations` equal parts of `train.steps`).
 """
 
 from __future__ import annotations
 
-from selfplay.recipes.base import texts_of
+from selfplay.recipes.base import Source, loss_spec, texts_of
 
 
 class SPPORecipe:
     name = "sppo"
     weights = "policy"
+    ema = None
+    needs_reference_answers = False
 
     def __init__(self, cfg):
         self.k = cfg.sppo.k
         self.iterations = cfg.sppo.iterations
+        self.loss = loss_spec(cfg, "sppo")
 
     def responses(self, results: list[dict]) -> int:
-        """How many responses the generators sampled for these results."""
         return len(results) * self.k
 
     def request(self, generator, prompts, seed: int):
@@ -30,7 +33,7 @@ class SPPORecipe:
             for r in results
         ]
 
-    def refresh_reference(self, step: int, total_steps: int) -> bool:
-        """True at the first step of every iteration after the first: reference ← current policy."""
+    def reference_refresh(self, step: int, total_steps: int) -> Source | None:
+        """The policy, at the first step of every iteration after the first."""
         per_iteration = max(1, total_steps // self.iterations)
-        return step > 0 and step % per_iteration == 0
+        return "policy" if step > 0 and step % per_iteration == 0 else None

@@ -2,23 +2,26 @@
 first. The judge ranks the K answers and the revision together; the best and the worst become the pair, and the
 SRPO loss trains both self-revision (y_w | y_l, …) and direct generation on it. With K = 1 the pair is simply
 (y, y'); a larger K gives pairs whose quality differs more, which the tiny demo model needs to learn from.
+Generators serve the policy; no EMA; the reference stays the initial policy.
 """
 
 from __future__ import annotations
 
-from selfplay.recipes.base import texts_of
+from selfplay.recipes.base import Source, loss_spec, texts_of
 
 
 class SRPORecipe:
     name = "srpo"
     weights = "policy"
+    ema = None
+    needs_reference_answers = False
 
     def __init__(self, cfg):
         self.rounds = max(1, cfg.srpo.revisions)
         self.k = cfg.srpo.k
+        self.loss = loss_spec(cfg, "srpo")
 
     def responses(self, results: list[dict]) -> int:
-        """How many responses the generators sampled for these results."""
         return len(results) * (self.k + self.rounds)
 
     def request(self, generator, prompts, seed: int):
@@ -36,5 +39,5 @@ class SRPORecipe:
             out.append(group)
         return out
 
-    def refresh_reference(self, step: int, total_steps: int) -> bool:
-        return False
+    def reference_refresh(self, step: int, total_steps: int) -> Source | None:
+        return None

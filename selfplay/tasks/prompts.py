@@ -113,17 +113,17 @@ def load_prompts(
     return PromptSet(prompts, path=str(path), problems=problems)
 
 
-def load_task_prompts(task_cfg, algorithm: str = "sppo") -> PromptSet:
+def load_task_prompts(task_cfg, require_reference: bool = False) -> PromptSet:
     """`load_prompts` for a `TaskConfig` with `name: file`: field names, `max_prompt_chars`, `skip_bad_records`,
-    and a required reference for SAPO (its chosen responses), so a missing one stops the run before it starts
-    instead of failing a generator request mid-run."""
+    and, with `require_reference` (a recipe that needs reference answers: SAPO's chosen responses), a reference
+    per record, so a missing one stops the run before it starts instead of failing a generator request mid-run."""
     return load_prompts(
         task_cfg.path,
         field=task_cfg.prompt_field,
         reference_field=task_cfg.reference_field,
         max_chars=task_cfg.max_prompt_chars,
         skip_bad=task_cfg.skip_bad_records,
-        require_reference=algorithm == "sapo" and bool(task_cfg.reference_field),
+        require_reference=require_reference and bool(task_cfg.reference_field),
     )
 
 
