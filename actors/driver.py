@@ -50,8 +50,10 @@ class LearnerFailure(RuntimeError):
 
 
 class Driver:
-    def __init__(self, cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print):
-        self.cfg, self.out, self.log = cfg, Path(out_dir), log
+    def __init__(self, cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print,
+                 prompts: tuple | None = None):
+        """`prompts`: what `selfplay.preflight.run_prompts(cfg)` returned, when the caller has read them already."""
+        self.cfg, self.out, self.log, self.given_prompts = cfg, Path(out_dir), log, prompts
         self.recipe = make_recipe(cfg)
         self.counters = Counters()
         self.evals: list[dict[str, Any]] = []
@@ -77,7 +79,7 @@ class Driver:
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     def _prompts(self) -> tuple[list[Prompt], list[Prompt], Any]:
-        train, held, task, skipped = run_prompts(self.cfg)
+        train, held, task, skipped = self.given_prompts or run_prompts(self.cfg)
         self.prompts_skipped = len(skipped)
         for problem in skipped[:5]:
             self.log(f"[selfplay] skipped {problem}")
@@ -178,7 +180,7 @@ class Driver:
             self._evaluate(final_dir=final / "model")
             result = summary(cfg, self.counters, self.evals, self.replay.stats(),
                              policy_version=self.sync.latest_version, wall_seconds=round(time.perf_counter() - start, 2),
-                             actor_restarts=self._restart_counts(), resumed_from=self.resumes,
+                             actor_restarts=self._count_restarts(), resumed_from=self.resumes,
                              rows_replayed_after_restart=self.replay.replayed_rows,
                              prompts_skipped=self.prompts_skipped, **loop)
             checkpoint.write_json(self.out / "summary.json", result, indent=2)
@@ -309,13 +311,13 @@ class Driver:
 
     def _checkpoint(self) -> Path:
         self.sync.wait()  # generators serve exactly these weights (checkpoint_every is a multiple of sync_every)
-        directory = checkpoint.save(self, self._restart_counts())
+        directory = checkpoint.save(self, self._count_restarts())
         self.log(f"[selfplay] checkpoint {directory}")
         return directory
 
-    def _restart_counts(self) -> dict[str, int]:
-        """Restarts in this run, resumed attempts included. Generators and judges that Ray restarted while idle
-        (no call of ours failed) are recovered here first."""
+    def _count_restarts(self) -> dict[str, int]:
+        """Recover the generators and judges that Ray restarted while idle (no call of ours failed, so nothing told
+        us), then count every restart of this run, resumed attempts included."""
         for role, actors in (("generator", self.generators), ("judge", self.judges)):
             for i in range(len(actors)):
                 self._recover(role, i)

@@ -150,6 +150,12 @@ class WeightSync:
         refs = {"learner 0": rank0.open_channel.remote(host, port, 0, size, backend, self.timeout_s)}
         for i, g in enumerate(self.generators):
             refs[f"generator {i}"] = g.open_channel.remote(host, port, i + 1, size, backend, self.timeout_s)
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+        missing = [who for who, ref in refs.items() if ref not in ready]
+        if missing:  # every generator must reach learner rank 0 over TCP (another node, a firewall, a dead actor)
+            raise WeightSyncError(f"weight_sync.transport: collective: {', '.join(missing)} did not join the "
+                                  f"broadcast group at {host}:{port} within {self.timeout_s:.0f}s; every generator "
+                                  "must reach learner rank 0 (or use weight_sync.transport: object_store)")
         get_all(refs, self.timeout_s, "open weight channel", "actor")
 
     def push(self, republish: bool = False) -> Push:

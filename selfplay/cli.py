@@ -140,7 +140,7 @@ def _run_driver(cfg, out: str, address: str | None, resume: bool = False) -> int
     from selfplay.preflight import check_run
 
     address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job sets RAY_ADDRESS to its cluster
-    check_run(cfg, out, resume=resume, local_cluster=address is None)
+    prompts = check_run(cfg, out, resume=resume, local_cluster=address is None)
     if address:
         _check_reachable(address)
     import ray
@@ -156,7 +156,7 @@ def _run_driver(cfg, out: str, address: str | None, resume: bool = False) -> int
         # "local": never follow /tmp/ray/ray_current_cluster, which a killed head leaves behind
         ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="selfplay")
     try:
-        Driver(cfg, out).run(resume=resume)
+        Driver(cfg, out, prompts=prompts).run(resume=resume)
     finally:
         if started_here:
             ray.shutdown()

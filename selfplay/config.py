@@ -400,6 +400,7 @@ def _coerce(value: Any, hint) -> tuple[bool, Any, str]:
 
 def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     """Return a list of problems ("<source>: key: message"); empty when the config can run."""
+    from selfplay.recipes import RECIPES  # late: recipes read the config
     from selfplay.tasks import TASKS  # late: tasks import models, which import transformers
 
     sources = sources or {}
@@ -424,8 +425,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.task.name != "file" or bool(cfg.task.path), "task.path", "is required when task.name is 'file'")
     check(cfg.task.train_size >= 1, "task.train_size", "must be >= 1")
     check(0 < cfg.task.heldout_fraction < 1, "task.heldout_fraction", "must be in (0, 1)")
-    check(cfg.algorithm != "sapo" or cfg.task.name != "file" or bool(cfg.task.reference_field),
-          "task.reference_field", "is required for SAPO on a prompt file (the chosen responses)")
+    needs_answers = cfg.algorithm in RECIPES and RECIPES[cfg.algorithm].needs_reference_answers  # SAPO's chosen
+    check(not needs_answers or cfg.task.name != "file" or bool(cfg.task.reference_field),
+          "task.reference_field", f"is required for {cfg.algorithm.upper()} on a prompt file (the chosen responses)")
     check(cfg.task.eval_size >= 1, "task.eval_size", "must be >= 1")
     check(cfg.task.max_prompt_chars >= 1, "task.max_prompt_chars", "must be >= 1")
     check(bool(cfg.model.policy.strip()), "model.policy", "must name a model (tiny, a directory or a hub id)")

@@ -10,7 +10,6 @@ loss. ORPO always uses per-token means (`losses.orpo_loss`), so the key does not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,23 +17,10 @@ from torch import Tensor
 
 from selfplay import losses
 from selfplay.logprobs import build_batch, response_logprobs
+from selfplay.recipes.base import LossSpec
 from selfplay.tasks.base import chat_prompt
 
 AVERAGES = ("sum", "token_mean")
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    name: str
-    beta: float  # DPO/SPPO/SRPO β; IPO's τ
-    alpha: float = 0.5  # SRPO's mix of L_self and L_gen
-    orpo_lambda: float = 0.1
-    revision_template: str = "{prompt}\n{response}"
-    average: str = "sum"  # train.loss_average: "sum" or "token_mean" (ORPO: not applied, it uses means already)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.name != "orpo"
 
 
 def loss_spec(cfg) -> LossSpec:

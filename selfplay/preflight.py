@@ -49,8 +49,9 @@ def run_prompts(cfg: Config) -> tuple[list, list, Any, list[str]]:
             task.prompts("eval", min(cfg.task.eval_size, cfg.eval.prompts), cfg.seed), task, [])
 
 
-def check_run(cfg: Config, out_dir: str | Path, *, resume: bool = False, local_cluster: bool = True) -> None:
-    """Raise PreflightError listing every problem that would stop the run after it started."""
+def check_run(cfg: Config, out_dir: str | Path, *, resume: bool = False, local_cluster: bool = True) -> tuple:
+    """Raise PreflightError listing every problem that would stop the run after it started. Returns the run's
+    prompts (`run_prompts`), read once here and handed to the driver."""
     from selfplay.errors import ModelLoadError
     from selfplay.tasks import PromptFileError
 
@@ -82,6 +83,7 @@ def check_run(cfg: Config, out_dir: str | Path, *, resume: bool = False, local_c
         attempt(check_resources, cfg, _local_resources())
     if problems:
         raise PreflightError("\n".join(problems))
+    return prompts
 
 
 def _check_out(out: Path, resume: bool, problems: list[str]) -> None:

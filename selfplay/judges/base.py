@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from selfplay.preference import SPPOTargets, comparison_scores, probs_to_logits, sppo_targets
+from selfplay.tasks.base import response_text
 
 # An empty response loses to any non-empty one with this logit (P ≈ 1 − 1e-6), without asking the judge.
 EMPTY_LOSES_LOGIT = float(probs_to_logits(torch.tensor(1.0)))
@@ -111,15 +112,6 @@ class JudgedGroups:
             "skip_reason": self.skip_reasons[b] if self.skip_reasons else None,
             "row": self.rows[b],
         }
-
-
-def response_text(value: Any) -> str:
-    """A candidate as text: None (a generator that returned nothing) is the empty response."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"a candidate must be a string, got {type(value).__name__}")
 
 
 def judge_groups(judge: Judge, groups: Sequence[dict[str, Any]], algorithm: str = "sppo") -> JudgedGroups:

@@ -11,10 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from selfplay.judges.base import response_text
-from selfplay.objectives import LossSpec
+from selfplay.tasks.base import response_text
 
 Source = Literal["policy", "ema"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    beta: float  # DPO/SPPO/SRPO β; IPO's τ
+    alpha: float = 0.5  # SRPO's mix of L_self and L_gen
+    orpo_lambda: float = 0.1
+    revision_template: str = "{prompt}\n{response}"
+    average: str = "sum"  # train.loss_average: "sum" or "token_mean" (ORPO: not applied, it uses means already)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name != "orpo"
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,12 @@ def chat_prompt(tokenizer: Any, prompt: Prompt | str, system: str | None = None)
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def response_text(value: Any) -> str:
+    """A candidate as text: None (a generator that returned nothing) is the empty response."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"a candidate must be a string, got {type(value).__name__}")
