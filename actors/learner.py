@@ -37,11 +37,12 @@ PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours: ZeRO stage, precision, optimizer, clipping, batch sizes."""
-    micro = cfg.train.batch_size // world_size
+    share = cfg.train.batch_size // world_size
+    micro = cfg.train.micro_batch_size or share
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": share // micro,  # DeepSpeed scales each micro-batch's loss by 1/this
         "gradient_clipping": cfg.train.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -109,6 +110,8 @@ class LearnerActor:
         model, self.tokenizer = load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=self.policy_path),
                                                           cfg.seed)
         model.train()
+        if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.recipe = make_recipe(cfg)  # the loss, whether to keep an EMA, and how it moves
         self.spec = self.recipe.loss
         # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
@@ -127,6 +130,11 @@ class LearnerActor:
                                                config=deepspeed_config(cfg, self.world_size, self.on_gpu))
         # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
         weights_only_checkpoint_loading(self.engine)
+        # the frozen copies live where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
+        dtype = next(self.engine.module.parameters()).dtype
+        for frozen in (self.reference, self.ema):
+            if frozen is not None:
+                frozen.to(device=self.engine.device, dtype=dtype)
         self.step = 0
         self.version = 0
         n = sum(p.numel() for p in model.parameters())
@@ -135,33 +143,47 @@ class LearnerActor:
     # -- training ---------------------------------------------------------------------------------------------
 
     def train_step(self, rows: pa.Table) -> dict[str, float]:
-        """One optimizer step on this rank's share of the batch; metrics are averaged over all ranks."""
+        """One optimizer step on this rank's share of the batch, in micro-batches of `train.micro_batch_size`
+        pairs of similar length (less padding) whose gradients accumulate; metrics are averaged over all ranks."""
         self.holds.enter(f"train_step {self.step + 1}")
         start = time.perf_counter()
         data = rows.to_pydict()
-        batches = encode_rows(self.tokenizer, data, self.spec)
-        device = self.engine.device
-        batches = {k: {n: t.to(device) for n, t in b.items()} for k, b in batches.items()}
-        p_w = torch.tensor(data["p_chosen"], dtype=torch.float32) if "p_chosen" in data else None
-        p_l = torch.tensor(data["p_rejected"], dtype=torch.float32) if "p_rejected" in data else None
-        loss_vec, m = preference_loss(self.engine, self.reference, batches, self.spec, p_w, p_l)
-        loss = loss_vec.mean()
-        self.engine.backward(loss)
-        grad_norm = self._grad_norm_before_step()
-        self.engine.step()
+        n, train = rows.num_rows, self.cfg.train
+        micro = train.micro_batch_size or n
+        order = sorted(range(n), key=lambda i: len(data["prompt"][i]) + max(len(data["chosen"][i]),
+                                                                           len(data["rejected"][i])))
+        # sums over micro-batches: loss and margin (of their means), tokens, pairs, prompts and responses cut
+        totals = torch.zeros(6, dtype=torch.float64)
+        grad_norm = None
+        for first in range(0, n, micro):
+            part = {k: [v[i] for i in order[first:first + micro]] for k, v in data.items()}
+            batches = encode_rows(self.tokenizer, part, self.spec, train.max_prompt_tokens, train.max_response_tokens)
+            batches = {k: {name: t.to(self.engine.device) for name, t in b.items()} for k, b in batches.items()}
+            p_w = torch.tensor(part["p_chosen"], dtype=torch.float32) if "p_chosen" in part else None
+            p_l = torch.tensor(part["p_rejected"], dtype=torch.float32) if "p_rejected" in part else None
+            loss_vec, m = preference_loss(self.engine, self.reference, batches, self.spec, p_w, p_l)
+            self.engine.backward(loss_vec.mean())
+            if first + micro >= n:  # the accumulation boundary: the next engine.step() updates the weights
+                grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+            pairs = batches["pairs"]
+            totals += torch.tensor([loss_vec.mean().item(), m["reward_margin"].mean().item(), float(m["tokens"].sum()),
+                                    float(len(loss_vec)), float(pairs["prompt_truncated"][:len(loss_vec)].sum()),
+                                    float(pairs["response_truncated"].sum())], dtype=torch.float64)
         self.step += 1
         if self.ema is not None and self.step % self.recipe.ema.every == 0:
             self._update_ema()
         if grad_norm is None:  # ZeRO >= 1: DeepSpeed's optimizer computed it during step()
             grad_norm = self.engine.get_global_grad_norm()
-        local = torch.tensor([loss.item(), m["reward_margin"].mean().item(), float(m["tokens"].sum()),
-                              float(len(loss_vec))], dtype=torch.float64)
-        torch.distributed.all_reduce(local)
+        steps = -(-n // micro)
+        torch.distributed.all_reduce(totals)
         return {
-            "loss": local[0].item() / self.world_size,
-            "reward_margin": local[1].item() / self.world_size,
-            "tokens": local[2].item(),
-            "pairs": local[3].item(),
+            "loss": totals[0].item() / (steps * self.world_size),
+            "reward_margin": totals[1].item() / (steps * self.world_size),
+            "tokens": totals[2].item(),
+            "pairs": totals[3].item(),
+            "prompts_truncated": int(totals[4].item()),
+            "responses_truncated": int(totals[5].item()),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step": self.step,
             "step_seconds": self._busy_since(start),
@@ -177,7 +199,12 @@ class LearnerActor:
         self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds}
+        models = {"policy": self.engine.module if self.engine else None, "reference": self.reference, "ema": self.ema}
+        # where each model's tensors are, and in which dtype: one model off the engine's device fails step 1
+        placement = {name: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in m.parameters()})
+                     for name, m in models.items() if m is not None}
+        return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds,
+                "placement": placement}
 
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO, DeepSpeed does not report the norm: gradients are full (and all-reduced) here."""

@@ -125,6 +125,11 @@ class TrainConfig:
     sync_every: int = 1  # push weights to generators every N learner steps
     checkpoint_every: int = 0  # 0: only at the end (a multiple of sync_every: generators then serve these weights)
     max_resumes: int = 0  # a learner failure resumes the run from its last checkpoint up to this many times
+    # memory: pairs per forward/backward on each learner (the rest accumulates); None: the learner's whole share
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    max_prompt_tokens: int | None = None  # longer prompts lose their start (counted: prompts_truncated)
+    max_response_tokens: int | None = None  # longer responses lose their end (counted: responses_truncated)
 
 
 @dataclass
@@ -487,6 +492,14 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           f"must be a multiple of train.sync_every ({cfg.train.sync_every}): a resumed run's generators then serve "
           "exactly the checkpoint's weights")
     check(cfg.train.max_resumes >= 0, "train.max_resumes", "must be >= 0")
+    share = cfg.train.batch_size // max(cfg.resources.num_learners, 1)
+    micro = cfg.train.micro_batch_size
+    check(micro is None or (micro >= 1 and share % micro == 0), "train.micro_batch_size",
+          f"must be >= 1 and divide each learner's share of the batch (train.batch_size / resources.num_learners = "
+          f"{share})")
+    for key in ("max_prompt_tokens", "max_response_tokens"):
+        limit = getattr(cfg.train, key)
+        check(limit is None or limit >= 1, f"train.{key}", "must be >= 1 (or null: no limit)")
     check(cfg.resources.max_restarts >= 0, "resources.max_restarts", "must be >= 0")
 
     check(cfg.replay.capacity >= cfg.resources.replay_shards, "replay.capacity",

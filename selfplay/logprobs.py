@@ -20,16 +20,39 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def masked_sum_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of log-probs over response tokens and their count, both [B]."""
+def masked_sum_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
+                        chunk_tokens: int = 1024) -> tuple[Tensor, Tensor]:
+    """Sum of log-probs over response tokens and their count, both [B].
+
+    Only response positions are scored, `chunk_tokens` of them at a time in float32; in backward each chunk is
+    recomputed rather than kept. So float32 logits never exist for every position and the whole vocabulary at
+    once (at 48k positions × a 32k vocabulary that copy alone is ~6 GB); the result equals `token_logprobs`
+    summed under the mask, to float32 rounding.
+    """
     if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
         raise ValueError(
             f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
             f"response_mask {tuple(response_mask.shape)}"
         )
-    mask = response_mask[:, 1:].to(torch.float32)
-    per_token = token_logprobs(logits, input_ids)
-    return (per_token * mask).sum(dim=-1), mask.sum(dim=-1)
+    mask = response_mask[:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)  # position t predicts token t + 1
+    picked, targets = logits[:, :-1][rows, cols], input_ids[:, 1:][rows, cols]  # [N, V] in the model's dtype
+    parts = [_chunk_logprobs(picked[i : i + chunk_tokens], targets[i : i + chunk_tokens])
+             for i in range(0, len(rows), chunk_tokens)]
+    per_token = torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, per_token)
+    return sums, mask.sum(dim=-1).to(torch.float32)
+
+
+def _fp32_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and logits.requires_grad:  # keep the model-dtype slice, not its float32 copy
+        return torch.utils.checkpoint.checkpoint(_fp32_logprobs, logits, targets, use_reentrant=False)
+    return _fp32_logprobs(logits, targets)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

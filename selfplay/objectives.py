@@ -30,22 +30,34 @@ def loss_spec(cfg) -> LossSpec:
     return make_recipe(cfg).loss
 
 
-def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
+def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_prompt: int | None,
+            max_response: int | None) -> dict[str, Tensor]:
+    """A right-padded batch; prompts longer than `max_prompt` tokens keep their end (the question is usually
+    last), responses longer than `max_response` keep their start. `*_truncated` [B] flags the rows cut."""
     p_ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     r_ids = [tokenizer(r + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for r in responses]
-    return build_batch(p_ids, r_ids, tokenizer.pad_token_id, padding_side="right")
+    cut_p = [max_prompt is not None and len(ids) > max_prompt for ids in p_ids]
+    cut_r = [max_response is not None and len(ids) > max_response for ids in r_ids]
+    p_ids = [ids[-max_prompt:] if cut else ids for ids, cut in zip(p_ids, cut_p)]
+    r_ids = [ids[:max_response] if cut else ids for ids, cut in zip(r_ids, cut_r)]
+    return {**build_batch(p_ids, r_ids, tokenizer.pad_token_id, padding_side="right"),
+            "prompt_truncated": torch.tensor(cut_p), "response_truncated": torch.tensor(cut_r)}
 
 
-def encode_rows(tokenizer, rows: dict[str, Sequence[Any]], spec: LossSpec) -> dict[str, dict[str, Tensor]]:
+def encode_rows(tokenizer, rows: dict[str, Sequence[Any]], spec: LossSpec, max_prompt_tokens: int | None = None,
+                max_response_tokens: int | None = None) -> dict[str, dict[str, Tensor]]:
     """Token batches the loss needs: `pairs` = chosen rows then rejected rows (one forward pass); for SRPO also
-    `revisions` = w|l, l|l, w|w, l|w: each response as a revision of the rejected / the chosen one."""
+    `revisions` = w|l, l|l, w|w, l|w: each response as a revision of the rejected / the chosen one. Prompts and
+    responses beyond the `train.max_*_tokens` limits are cut (see `_encode`)."""
     prompts, chosen, rejected = list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"])
-    out = {"pairs": _encode(tokenizer, prompts * 2, chosen + rejected)}
+    limits = (max_prompt_tokens, max_response_tokens)
+    out = {"pairs": _encode(tokenizer, prompts * 2, chosen + rejected, *limits)}
     if spec.name == "srpo":
         t = spec.revision_template
         given_l = [t.format(prompt=p, response=r) for p, r in zip(prompts, rejected)]
         given_w = [t.format(prompt=p, response=c) for p, c in zip(prompts, chosen)]
-        out["revisions"] = _encode(tokenizer, given_l * 2 + given_w * 2, chosen + rejected + chosen + rejected)
+        out["revisions"] = _encode(tokenizer, given_l * 2 + given_w * 2, chosen + rejected + chosen + rejected,
+                                   *limits)
     return out
 
 

@@ -1,11 +1,26 @@
 import os
+import shutil
 
 import pytest
 
-# Tests never touch the network or a real W&B account, and DeepSpeed must not probe for GPUs here.
+# Tests never touch the network or a real W&B account, and DeepSpeed must not probe for GPUs where there is none.
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run unchanged where CUDA exists and are skipped, saying so, where it does not."""
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,42 @@ def test_two_learners_match_one_with_double_batch(ray_cluster, zero):
         pair.shutdown()
 
 
+@pytest.mark.parametrize("learners, zero, checkpointing", [(1, 0, False), (2, 3, True)])
+def test_micro_batches_accumulate_to_the_update_of_the_whole_batch(ray_cluster, learners, zero, checkpointing):
+    """train.micro_batch_size=2 on a batch of 8: 4 (1 rank) or 2 (2 ranks) micro-batches whose gradients
+    DeepSpeed accumulates make the same loss, grad norm and SGD update as the whole batch in one pass; gradient
+    checkpointing (recomputed activations) changes nothing either."""
+    sgd = ["train.optimizer=sgd", "train.lr=0.1"]
+    micro = [*sgd, "train.micro_batch_size=2", f"train.gradient_checkpointing={str(checkpointing).lower()}"]
+    whole, accumulating = group(1, 0, extra=sgd), group(learners, zero, extra=micro)
+    try:
+        base = whole.full_state()
+        for step in range(2):
+            batch = rows(8, offset=step)
+            m1, m2 = whole.train_step(batch), accumulating.train_step(batch)
+            assert m2["pairs"] == m1["pairs"] == 8 and m2["tokens"] == m1["tokens"]
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+        u1, u2 = flat_update(whole.full_state(), base), flat_update(accumulating.full_state(), base)
+        assert u1.norm() > 1e-3 and (u1 - u2).norm() <= 1e-4 * u1.norm(), (u1 - u2).norm() / u1.norm()
+    finally:
+        whole.shutdown()
+        accumulating.shutdown()
+
+
+def test_long_prompts_and_responses_are_cut_and_counted(ray_cluster):
+    g = group(1, 0, batch=4, extra=["train.max_prompt_tokens=6", "train.max_response_tokens=3"])
+    try:
+        long = rows(4)
+        long = long.set_column(long.schema.get_field_index("chosen"), "chosen",
+                               pa.array(["1 2 3 4 5 6 7 8 9"] * 2 + ["1"] * 2))
+        m = g.train_step(long)
+        assert m["prompts_truncated"] == 4  # every chat-formatted prompt is longer than 6 tokens
+        assert 2 <= m["responses_truncated"] <= 8 and m["tokens"] <= 8 * 3
+    finally:
+        g.shutdown()
+
+
 def test_two_learners_with_adamw_follow_the_loss_of_one(ray_cluster):
     """The default optimizer, compared where the claim needs it: the losses two ranks see step after step.
     Adam's first update is ≈ lr·sign(g), so weights whose gradient is ~0 may move ±lr apart between one rank and

@@ -48,3 +48,35 @@ def test_prompt_tokens_are_masked():
     assert token_logprobs(logits, ids).shape == (1, 3)
     with pytest.raises(ValueError, match="shape mismatch"):
         masked_sum_logprobs(logits, ids, mask[:, :3])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1024])
+def test_chunked_logprobs_equal_the_plain_ones_with_gradients(chunk):
+    """Response positions scored a chunk at a time in float32 (recomputed in backward) give the same sums and
+    the same gradients as float32 log-softmax over every position and the whole vocabulary."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 9), generator=gen)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    mask[0, 4:], mask[1, 2:6], mask[2, 8:] = 1, 1, 1  # responses of 5, 4 and 1 tokens (row 1 right-padded)
+    plain_logits = (torch.randn(3, 9, 50, generator=gen) * 3).requires_grad_()
+    chunked_logits = plain_logits.detach().clone().requires_grad_()
+    plain = (token_logprobs(plain_logits, ids) * mask[:, 1:]).sum(-1)
+    chunked, count = masked_sum_logprobs(chunked_logits, ids, mask, chunk_tokens=chunk)
+    assert count.tolist() == [5.0, 4.0, 1.0]
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    weights = torch.tensor([0.3, -1.0, 2.0])
+    (plain * weights).sum().backward()
+    (chunked * weights).sum().backward()
+    torch.testing.assert_close(chunked_logits.grad, plain_logits.grad, rtol=1e-6, atol=1e-6)
+    assert chunked_logits.grad[0, :3].abs().sum() == 0  # positions that predict prompt tokens get no gradient
+    assert chunked_logits.grad[0, 3:8].abs().sum() > 0
+
+
+def test_chunked_logprobs_in_bf16_are_computed_in_float32():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (2, 6), generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    logits = torch.randn(2, 6, 40, generator=gen).to(torch.bfloat16)
+    total, _ = masked_sum_logprobs(logits, ids, mask, chunk_tokens=2)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, (token_logprobs(logits, ids) * mask[:, 1:]).sum(-1), rtol=1e-6, atol=1e-5)
