@@ -2,8 +2,10 @@
 
 A `LearnerGroup` (driver side) starts `num_learners` actors, wires them into one torch.distributed group
 (gloo on CPU, NCCL on GPU), splits every batch of replay rows evenly over the ranks and returns rank-averaged
-metrics. Each rank holds the frozen reference model; SAPO's EMA model is kept on every rank too (it is
-updated from the full parameters, gathered under ZeRO-3). Rank 0 gathers and publishes weights.
+metrics. Each rank holds the frozen reference model and, for SAPO, the EMA policy, on the engine's device in its
+dtype; both are updated one parameter at a time (gathered one at a time under ZeRO-3). A step runs in
+micro-batches of `train.micro_batch_size` pairs whose gradients DeepSpeed accumulates; only rank 0 keeps host
+copies of the weights, to publish and save them (docs/architecture.md, "Learners").
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.objectives import encode_rows, preference_loss
 from selfplay.recipes import make_recipe
-from selfplay.weights import pack_buckets
+from selfplay.weights import pack_buckets, write_safetensors
 
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -204,7 +206,12 @@ class LearnerActor:
         placement = {name: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in m.parameters()})
                      for name, m in models.items() if m is not None}
         return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds,
-                "placement": placement}
+                "placement": placement, "peak_rss_mb": _peak_rss_mb()}
+
+    def reset_peak_memory(self) -> None:
+        """Start `peak_rss_mb` over (Linux: /proc/self/clear_refs), e.g. after loading, to measure training."""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO, DeepSpeed does not report the norm: gradients are full (and all-reduced) here."""
@@ -214,34 +221,46 @@ class LearnerActor:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
     def refresh_reference(self, source: str = "policy") -> None:
-        """Reference ← the current policy or EMA policy (the recipe's `reference_refresh` says which, and when)."""
+        """Reference ← the current policy or EMA policy (the recipe's `reference_refresh` says which, and when),
+        one parameter at a time, on the device: no gathered model, no host copy."""
         if self.reference is None:
             return
         start = time.perf_counter()
-        self.reference.load_state_dict(self.full_state(source), strict=False)
+        reference = dict(self.reference.named_parameters())
+        with torch.no_grad():
+            for name, p in self._each_parameter(source):
+                reference[name].copy_(p.detach())
         self._busy_since(start)
 
     def _update_ema(self) -> None:
-        with self._gathered():
-            ema_update(self.ema, self.engine.module, self.recipe.ema.alpha)
+        ema = dict(self.ema.named_parameters())
+        for name, p in self._each_parameter("policy"):  # θ_ema ← α θ_ema + (1 − α) θ, where θ_ema lives
+            ema_update([ema[name]], [p], self.recipe.ema.alpha)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _gathered(self):
-        """Full parameters on every rank for the duration (ZeRO-3 partitions them); a no-op below stage 3."""
-        if self.cfg.train.zero_stage < 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
-
-    def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
-        """Full, unsharded parameters as CPU tensors (every rank must call this under ZeRO-3)."""
+    def _each_parameter(self, which: str):
+        """(name, full parameter) of the policy, EMA or reference, one at a time. Under ZeRO-3 each policy
+        parameter is gathered for its turn only (a collective: every rank must iterate), so no rank ever holds
+        the whole model gathered at once."""
         module = {"policy": self.engine.module, "ema": self.ema, "reference": self.reference}[which]
         if module is None:
             raise ValueError(f"this learner has no {which} model")
-        with self._gathered() if which == "policy" else contextlib.nullcontext():
-            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
+        zero3 = which == "policy" and self.cfg.train.zero_stage == 3
+        if zero3:
+            import deepspeed
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else contextlib.nullcontext():
+                yield name, p
+
+    def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
+        """Full, unsharded parameters as CPU tensors on rank 0, {} on the others (every rank must call this under
+        ZeRO-3): only the rank that sends or saves them keeps a host copy."""
+        state = {}
+        for name, p in self._each_parameter(which):
+            if self.rank == 0:
+                state[name] = p.detach().to("cpu", copy=True).contiguous()
+        return state
 
     def _pack(self, which: str, bucket_bytes: int, bump: bool):
         """Every rank gathers (a collective under ZeRO-3); rank 0 returns the weights packed as the next version
@@ -298,25 +317,33 @@ class LearnerActor:
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str) -> str:
-        """Model + EMA + reference (safetensors), optimizer (DeepSpeed, all ZeRO stages), RNG, step, version."""
-        from safetensors.torch import save_file
-
+        """Model (a Hugging Face directory) + EMA + reference in safetensors, streamed a parameter at a time by
+        rank 0; optimizer (DeepSpeed, all ZeRO stages), RNG, step, version."""
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        (out / "model").mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="latest", save_latest=False)
-        states = {w: self.full_state(w) for w in ("policy", "ema", "reference")
-                  if (w == "policy" or getattr(self, w) is not None)}
         _save_rng(out, self.rank)
+        for which, path in (("policy", out / "model" / "model.safetensors"), ("ema", out / "ema.safetensors"),
+                            ("reference", out / "reference.safetensors")):
+            if which == "policy" or getattr(self, which) is not None:
+                self._stream(which, path)
         if self.rank == 0:
-            from selfplay.models import save_pretrained
-
-            save_pretrained(_with_state(self.engine.module, states["policy"]), self.tokenizer, out / "model")
-            for w in ("ema", "reference"):
-                if w in states:
-                    save_file(states[w], str(out / f"{w}.safetensors"))
+            _save_model_files(self.engine.module, self.tokenizer, out / "model")
             (out / "trainer_state.json").write_text(json.dumps({"step": self.step, "policy_version": self.version}))
         torch.distributed.barrier()
         return str(out)
+
+    def _stream(self, which: str, path: Path) -> None:
+        """Write one model's parameters to a safetensors file as they are gathered (rank 0 writes; the others
+        take part in each gather under ZeRO-3): host memory for one parameter at a time, not a model."""
+        module = {"policy": self.engine.module, "ema": self.ema, "reference": self.reference}[which]
+        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in module.named_parameters()]
+        tensors = (p for _, p in self._each_parameter(which))
+        if self.rank == 0:
+            write_safetensors(path, specs, tensors)
+        else:
+            for _ in tensors:
+                pass
 
     def load_checkpoint(self, directory: str) -> dict[str, int]:
         from safetensors.torch import load_file
@@ -337,18 +364,29 @@ class LearnerActor:
         return state
 
 
+def _peak_rss_mb() -> float:
+    """The most resident memory this process has held (since it started or its last reset), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _save_model_files(model, tokenizer, directory: Path) -> None:
+    """Everything of a Hugging Face model directory but the weights (streamed there separately). A function of
+    its own: Ray pickles actor methods by value, and cloudpickle would take a method naming both `torch` and
+    `config` for a user of the unpicklable `torch.*.config` modules."""
+    from selfplay.models import quiet_transformers
+
+    quiet_transformers()
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
     return frozen
-
-
-def _with_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    clone = copy.deepcopy(module) if not any(p.numel() == 0 for p in module.parameters()) else None
-    if clone is None:  # ZeRO-3 leaves empty placeholders: rebuild from the config
-        clone = type(module)(module.config)
-    clone.load_state_dict(state, strict=False)
-    return clone
 
 
 def _save_rng(out: Path, rank: int) -> None:

@@ -7,6 +7,7 @@ that does not match the model is refused whole, so a generator never serves a mi
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,3 +99,31 @@ def unpack_buckets(
         raw = bucket[m["offset"] : m["offset"] + m["nbytes"]]
         out[m["name"]] = raw.view(dtype).reshape(shape)
     return out
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], tensors) -> int:
+    """Write a .safetensors file tensor by tensor: the header comes from `specs` (name, shape, dtype), then each
+    tensor of the iterator `tensors` (same order) is written as it arrives, so the writer holds one tensor at a
+    time, never the whole model (a 7B model is 14.5 GB in bf16). Returns the bytes written. Readable by
+    `safetensors.torch.load_file` and by transformers."""
+    import json
+    import struct
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for (name, shape, dtype), tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {shape} {dtype}")
+            f.write(_bytes_of(tensor.to("cpu")).numpy().tobytes())
+    return 8 + len(encoded) + offset

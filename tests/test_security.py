@@ -242,3 +242,25 @@ def test_slurm_cluster_requires_a_token_by_default():
     sbatch = (ROOT / "deploy/slurm/selfplay.sbatch").read_text()
     assert 'RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"' in sbatch
     assert "umask 077" in sbatch and "RAY_AUTH_TOKEN_PATH" in sbatch
+
+
+def test_streamed_safetensors_load_like_safetensors_own(tmp_path):
+    """write_safetensors (the learners' checkpoint writer: one tensor in memory at a time) makes a file that
+    safetensors and transformers read back bit for bit, in every dtype a model holds; a tensor that does not match
+    its header is refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from selfplay.weights import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(3, 5, generator=gen), "b.bias": torch.randn(7, generator=gen).to(torch.bfloat16),
+             "c.scale": torch.tensor(2.5, dtype=torch.float16), "d.index": torch.arange(4)}
+    specs = [(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+    nbytes = write_safetensors(tmp_path / "m.safetensors", specs, iter(state.values()))
+    assert nbytes == (tmp_path / "m.safetensors").stat().st_size
+    loaded = load_file(str(tmp_path / "m.safetensors"))
+    assert loaded.keys() == state.keys()
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="b.bias: got"):
+        write_safetensors(tmp_path / "bad.safetensors", specs, iter([state["a.weight"], state["a.weight"]]))

@@ -1,0 +1,173 @@
+"""The scale ladder: learner speed and memory from the tiny model up to Qwen2-0.5B's published shape.
+
+Each rung is a Qwen2-architecture model with random weights built here (no hub): the embedded tiny model, ~25M,
+~100M and Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, intermediate 4,864, vocabulary
+151,936: ~494M parameters). Real LearnerGroups train SPPO pairs of ~150-token prompts and ~100-token responses:
+
+- per rung and layout (1 rank ZeRO-0; 2 ranks ZeRO-3): seconds per learner step (the second; the first warms
+  up), peak resident memory of each learner process while training (measured inside the actor, its peak reset
+  after loading), publish seconds and bytes;
+- at one size: peak training memory vs batch size (1×, 2×, 4×, 8× a fixed micro-batch of 2 pairs), with and
+  without gradient checkpointing.
+
+    python -m benchmarks.scale            # up to the 0.5B shape (fp32 on CPU: bf16 matmuls are slower here)
+    python -m benchmarks.scale --quick    # up to ~100M parameters, a few minutes
+
+Writes the figures to `--out` (default docs/scale.json) and a plot to `--plot` (default docs/img/bench-scale.png),
+prints them as one JSON line and progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (layers, hidden, heads, kv heads, intermediate, vocabulary); head size 64 throughout
+SHAPES = {
+    "qwen2-25m": (6, 384, 6, 2, 1536, 32_000),
+    "qwen2-100m": (12, 640, 10, 2, 2560, 32_000),
+    "qwen2-0.5b": (24, 896, 14, 2, 4864, 151_936),
+}
+
+
+def build(name: str, directory: Path) -> tuple[str, int]:
+    """A model directory for rung `name` (random weights, the tiny tokenizer) and its parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from selfplay.models import save_pretrained
+    from selfplay.tiny import build_tiny
+
+    model, tok = build_tiny(seed=0)
+    if name != "tiny":
+        layers, hidden, heads, kv, inter, vocab = SHAPES[name]
+        config = Qwen2Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                             num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                             tie_word_embeddings=True, max_position_embeddings=4096)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    path = save_pretrained(model, tok, directory / name)
+    return str(path), sum(p.numel() for p in model.parameters())
+
+
+def pairs(n: int, seed: int = 0) -> pa.Table:
+    """n sort pairs with ~150-token prompts and ~100-token responses."""
+    rng = random.Random(seed)
+    prompts, chosen, rejected = [], [], []
+    for _ in range(n):
+        items = [rng.randint(10, 99) for _ in range(40)]
+        prompts.append("Sort ascending: " + " ".join(map(str, items)))
+        chosen.append(" ".join(map(str, sorted(items))))
+        rejected.append(" ".join(map(str, sorted(items, reverse=True))))
+    return pa.table({"prompt": prompts, "chosen": chosen, "rejected": rejected,
+                     "p_chosen": [0.8] * n, "p_rejected": [0.3] * n})
+
+
+def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None, checkpointing: bool) -> dict:
+    from actors.learner import LearnerGroup
+    from selfplay.config import load_config
+
+    cfg = load_config(None, [f"model.policy={policy}", f"resources.num_learners={learners}",
+                             f"train.zero_stage={zero}", f"train.batch_size={batch}",
+                             f"train.micro_batch_size={micro if micro else 'null'}",
+                             f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.lr=1e-5"])
+    group = LearnerGroup(cfg, num_cpus=0.5)
+    try:
+        ray.get([a.reset_peak_memory.remote() for a in group.actors])
+        group.train_step(pairs(batch, 0))
+        t0 = time.perf_counter()
+        metrics = group.train_step(pairs(batch, 1))
+        step_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        published = group.publish()
+        publish_s = time.perf_counter() - t0
+        peaks = [s["peak_rss_mb"] for s in group.stats()]
+    finally:
+        group.shutdown()
+    return {"learners": learners, "zero": zero, "batch": batch, "micro_batch": micro or batch // learners,
+            "checkpointing": checkpointing, "step_seconds": round(step_s, 3), "tokens": metrics["tokens"],
+            "peak_rss_mb": [round(p) for p in peaks], "publish_seconds": round(publish_s, 3),
+            "publish_mb": round(published["nbytes"] / 2**20, 1)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="rungs up to ~100M parameters only")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "scale.json"), help="the JSON file to write")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench-scale.png"), help="the PNG to write")
+    args = parser.parse_args(argv)
+    rungs = ["tiny", "qwen2-25m", "qwen2-100m"] + ([] if args.quick else ["qwen2-0.5b"])
+    memory_rung = "qwen2-25m" if args.quick else "qwen2-0.5b"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    t0, ladder, memory = time.perf_counter(), [], []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in rungs:
+                policy, n = build(name, Path(tmp))
+                for learners, zero in ((1, 0), (2, 3)):
+                    row = {"model": name, "parameters": n, **measure(policy, learners, zero, 8, 2, True)}
+                    print(f"[scale] {name} ({n / 1e6:.1f}M) {learners} rank(s) ZeRO-{zero}: "
+                          f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB, "
+                          f"publish {row['publish_seconds']:.2f} s ({row['publish_mb']} MiB)", file=sys.stderr)
+                    ladder.append(row)
+                if name == memory_rung:
+                    for checkpointing in (False, True):
+                        for batch in (2, 4, 8, 16):
+                            row = {"model": name, **measure(policy, 1, 0, batch, 2, checkpointing)}
+                            print(f"[scale] {name} batch {batch} (micro 2) checkpointing {checkpointing}: "
+                                  f"peak {row['peak_rss_mb'][0]} MiB", file=sys.stderr)
+                            memory.append(row)
+    finally:
+        ray.shutdown()
+    out = {"benchmark": "scale", "command": "python -m benchmarks.scale" + (" --quick" if args.quick else ""),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "precision": "fp32",
+           "results": ladder, "memory_vs_batch": memory, "seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, Path(args.plot))
+    print(json.dumps(out))
+    return out
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for (learners, zero), marker in (((1, 0), "o"), ((2, 3), "s")):
+        rows = [r for r in out["results"] if (r["learners"], r["zero"]) == (learners, zero)]
+        a.plot([r["parameters"] / 1e6 for r in rows], [max(r["peak_rss_mb"]) / 1024 for r in rows], marker=marker,
+               label=f"{learners} rank(s), ZeRO-{zero}: peak per rank")
+    a.set_xscale("log")
+    a.set_xlabel("parameters (M)")
+    a.set_ylabel("peak learner memory (GiB)")
+    a.legend(fontsize=7)
+    for checkpointing in (False, True):
+        rows = [r for r in out["memory_vs_batch"] if r["checkpointing"] == checkpointing]
+        b.plot([r["batch"] for r in rows], [r["peak_rss_mb"][0] / 1024 for r in rows], marker="o",
+               label=f"checkpointing {'on' if checkpointing else 'off'}")
+    b.set_xlabel("pairs per step (micro-batch 2)")
+    b.set_ylabel("peak learner memory (GiB)")
+    b.set_ylim(bottom=0)
+    b.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
