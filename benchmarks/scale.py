@@ -2,7 +2,7 @@
 
 Each rung is a Qwen2-architecture model with random weights built here (no hub): the embedded tiny model, ~25M,
 ~100M and Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, intermediate 4,864, vocabulary
-151,936: ~494M parameters). Real LearnerGroups train SPPO pairs of ~150-token prompts and ~100-token responses:
+151,936: ~494M parameters). Real LearnerGroups train SPPO pairs of ~65-token prompts and ~60-token responses:
 
 - per rung and layout (1 rank ZeRO-0; 2 ranks ZeRO-3): seconds per learner step (the second; the first warms
   up), peak resident memory of each learner process while training (measured inside the actor, its peak reset
@@ -63,11 +63,11 @@ def build(name: str, directory: Path) -> tuple[str, int]:
 
 
 def pairs(n: int, seed: int = 0) -> pa.Table:
-    """n sort pairs with ~150-token prompts and ~100-token responses."""
+    """n sort pairs with ~65-token prompts (chat-formatted) and ~60-token responses."""
     rng = random.Random(seed)
     prompts, chosen, rejected = [], [], []
     for _ in range(n):
-        items = [rng.randint(10, 99) for _ in range(40)]
+        items = [rng.randint(10, 99) for _ in range(20)]
         prompts.append("Sort ascending: " + " ".join(map(str, items)))
         chosen.append(" ".join(map(str, sorted(items))))
         rejected.append(" ".join(map(str, sorted(items, reverse=True))))
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
             for name in rungs:
                 policy, n = build(name, Path(tmp))
                 for learners, zero in ((1, 0), (2, 3)):
-                    row = {"model": name, "parameters": n, **measure(policy, learners, zero, 8, 2, True)}
+                    row = {"model": name, "parameters": n, **measure(policy, learners, zero, 4, 2, True)}
                     print(f"[scale] {name} ({n / 1e6:.1f}M) {learners} rank(s) ZeRO-{zero}: "
                           f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB, "
                           f"publish {row['publish_seconds']:.2f} s ({row['publish_mb']} MiB)", file=sys.stderr)
