@@ -192,9 +192,8 @@ class Driver:
                 raise LearnerFailure(f"learner rank {e.key} died at step {self.counters.learner_steps}") from e
             raise
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None:  # kept: its Ray gauges stay on the dashboard while this process lives
                 self.metrics.close()
-                self.metrics = None
             self._shutdown()
 
     # -- the two schedules ----------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class LearnerActor:
         self.rank, self.world_size, self.policy_path = rank, world_size, policy
         self.on_gpu = torch.cuda.is_available()
         self.engine = None
+        self.partitioned = False  # ZeRO-3: the reference and the EMA are partitioned like the policy
         self.busy_seconds = 0.0  # training, publishing weights, refreshing the reference: the rest is idle
         self.holds = HoldPoints()  # chaos tests only: hold a step until the test kills this process
 
@@ -128,18 +129,23 @@ class LearnerActor:
             else:
                 self.reference = _frozen_copy(model)
         self.ema = _frozen_copy(model) if self.recipe.ema else None
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(cfg, self.world_size, self.on_gpu))
+        n = sum(p.numel() for p in model.parameters())
+        ds_config = deepspeed_config(cfg, self.world_size, self.on_gpu)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
         weights_only_checkpoint_loading(self.engine)
-        # the frozen copies live where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
-        dtype = next(self.engine.module.parameters()).dtype
-        for frozen in (self.reference, self.ema):
-            if frozen is not None:
-                frozen.to(device=self.engine.device, dtype=dtype)
+        self.partitioned = cfg.train.zero_stage == 3
+        if self.partitioned:  # the frozen copies too: each rank holds 1/world of them, gathered layer by layer
+            frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "zero_allow_untested_optimizer")}
+            self.reference, self.ema = (None if m is None else deepspeed.initialize(model=m, config=frozen)[0]
+                                        for m in (self.reference, self.ema))
+        else:  # where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
+            dtype = next(self.engine.module.parameters()).dtype
+            for m in (self.reference, self.ema):
+                if m is not None:
+                    m.to(device=self.engine.device, dtype=dtype)
         self.step = 0
         self.version = 0
-        n = sum(p.numel() for p in model.parameters())
         return {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage}
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -152,6 +158,9 @@ class LearnerActor:
         data = rows.to_pydict()
         n, train = rows.num_rows, self.cfg.train
         micro = train.micro_batch_size or n
+        if train.micro_batch_size and n != train.batch_size // self.world_size:  # DeepSpeed counts micro-batches
+            raise ValueError(f"{n} rows for a learner whose share of train.batch_size is "
+                             f"{train.batch_size // self.world_size}: with train.micro_batch_size the step needs exactly that")
         order = sorted(range(n), key=lambda i: len(data["prompt"][i]) + max(len(data["chosen"][i]),
                                                                            len(data["rejected"][i])))
         # sums over micro-batches: loss and margin (of their means), tokens, pairs, prompts and responses cut
@@ -201,12 +210,13 @@ class LearnerActor:
         self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, Any]:
-        models = {"policy": self.engine.module if self.engine else None, "reference": self.reference, "ema": self.ema}
+        present = [w for w, m in (("policy", self.engine), ("reference", self.reference), ("ema", self.ema))
+                   if m is not None]
         # where each model's tensors are, and in which dtype: one model off the engine's device fails step 1
-        placement = {name: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in m.parameters()})
-                     for name, m in models.items() if m is not None}
+        placement = {w: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in self._module(w).parameters()})
+                     for w in present}
         return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds,
-                "placement": placement, "peak_rss_mb": _peak_rss_mb()}
+                "placement": placement, "partitioned": self.partitioned, "peak_rss_mb": _peak_rss_mb()}
 
     def reset_peak_memory(self) -> None:
         """Start `peak_rss_mb` over (Linux: /proc/self/clear_refs), e.g. after loading, to measure training."""
@@ -226,31 +236,44 @@ class LearnerActor:
         if self.reference is None:
             return
         start = time.perf_counter()
-        reference = dict(self.reference.named_parameters())
+        reference = dict(self._module("reference").named_parameters())
         with torch.no_grad():
-            for name, p in self._each_parameter(source):
-                reference[name].copy_(p.detach())
+            if self.partitioned:  # partition to partition: identical layouts, nothing gathered
+                for name, p in self._module(source).named_parameters():
+                    reference[name].ds_tensor.copy_(p.ds_tensor)
+            else:
+                for name, p in self._each_parameter(source):
+                    reference[name].copy_(p.detach())
         self._busy_since(start)
 
     def _update_ema(self) -> None:
-        ema = dict(self.ema.named_parameters())
-        for name, p in self._each_parameter("policy"):  # θ_ema ← α θ_ema + (1 − α) θ, where θ_ema lives
-            ema_update([ema[name]], [p], self.recipe.ema.alpha)
+        """θ_ema ← α θ_ema + (1 − α) θ where θ_ema lives: under ZeRO-3 each rank updates its partition."""
+        ema = dict(self._module("ema").named_parameters())
+        if self.partitioned:
+            for name, p in self._module("policy").named_parameters():
+                ema_update([ema[name].ds_tensor], [p.ds_tensor], self.recipe.ema.alpha)
+        else:
+            for name, p in self._each_parameter("policy"):
+                ema_update([ema[name]], [p], self.recipe.ema.alpha)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _each_parameter(self, which: str):
-        """(name, full parameter) of the policy, EMA or reference, one at a time. Under ZeRO-3 each policy
-        parameter is gathered for its turn only (a collective: every rank must iterate), so no rank ever holds
-        the whole model gathered at once."""
-        module = {"policy": self.engine.module, "ema": self.ema, "reference": self.reference}[which]
-        if module is None:
+    def _module(self, which: str) -> torch.nn.Module:
+        """The policy, EMA or reference as a plain module (under ZeRO-3: the partitioned one in its engine)."""
+        model = {"policy": self.engine, "ema": self.ema, "reference": self.reference}[which]
+        if model is None:
             raise ValueError(f"this learner has no {which} model")
-        zero3 = which == "policy" and self.cfg.train.zero_stage == 3
-        if zero3:
+        return model.module if which == "policy" or self.partitioned else model
+
+    def _each_parameter(self, which: str, modifier_rank: int | None = None):
+        """(name, full parameter) of the policy, EMA or reference, one at a time. Under ZeRO-3 each parameter is
+        gathered for its turn only (a collective: every rank must iterate), so no rank ever holds a whole model
+        gathered; with `modifier_rank`, what that rank writes into it is partitioned back on exit."""
+        if self.partitioned:
             import deepspeed
-        for name, p in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else contextlib.nullcontext():
+        for name, p in self._module(which).named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=modifier_rank) if self.partitioned \
+                    else contextlib.nullcontext():
                 yield name, p
 
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
@@ -336,8 +359,7 @@ class LearnerActor:
     def _stream(self, which: str, path: Path) -> None:
         """Write one model's parameters to a safetensors file as they are gathered (rank 0 writes; the others
         take part in each gather under ZeRO-3): host memory for one parameter at a time, not a model."""
-        module = {"policy": self.engine.module, "ema": self.ema, "reference": self.reference}[which]
-        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in module.named_parameters()]
+        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in self._module(which).named_parameters()]
         tensors = (p for _, p in self._each_parameter(which))
         if self.rank == 0:
             write_safetensors(path, specs, tensors)
@@ -355,9 +377,12 @@ class LearnerActor:
         self.engine.load_checkpoint(str(src / "deepspeed"), tag="latest", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
         for w in ("ema", "reference"):
-            module = getattr(self, w)
-            if module is not None:
-                module.load_state_dict(load_file(str(src / f"{w}.safetensors")), strict=False)
+            if getattr(self, w) is not None:
+                state = load_file(str(src / f"{w}.safetensors")) if self.rank == 0 or not self.partitioned else {}
+                with torch.no_grad():
+                    for name, p in self._each_parameter(w, modifier_rank=0):  # rank 0's copy is partitioned out
+                        if name in state:
+                            p.copy_(state[name])
         _load_rng(src, self.rank)
         state = json.loads((src / "trainer_state.json").read_text())
         self.step, self.version = state["step"], state["policy_version"]

@@ -110,9 +110,11 @@ class RunMetrics:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
     def close(self) -> None:
+        """Close the file and finish the W&B run (once; closing again does nothing)."""
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def plot(records: list[dict[str, Any]], evals: list[dict[str, Any]], out_dir: Path) -> list[Path]:

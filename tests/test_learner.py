@@ -85,6 +85,35 @@ def test_micro_batches_accumulate_to_the_update_of_the_whole_batch(ray_cluster, 
         accumulating.shutdown()
 
 
+def test_zero3_partitions_reference_and_ema_and_updates_them_in_place(ray_cluster, tmp_path):
+    """Under ZeRO-3 the reference and SAPO's EMA are partitioned like the policy (each rank holds half): the EMA
+    moves partition by partition (θ_ema = ½ θ_0 + ½ θ_1 after one step), the reference takes the EMA's partitions
+    exactly, and a checkpoint brings both back whole."""
+    g = group(2, 3, algorithm="sapo", batch=4, extra=["sapo.ema_every=1", "sapo.ema_alpha=0.5"])
+    try:
+        theta0 = g.full_state("policy")
+        g.train_step(rows(4))
+        theta1, ema = g.full_state("policy"), g.full_state("ema")
+        for k in theta0:
+            torch.testing.assert_close(ema[k], 0.5 * theta0[k] + 0.5 * theta1[k], rtol=1e-6, atol=1e-7)
+        g.refresh_reference("ema")
+        reference = g.full_state("reference")
+        assert all(torch.equal(reference[k], ema[k]) for k in ema)
+        stats = g.stats()
+        assert all(s["partitioned"] for s in stats) and set(stats[0]["placement"]) == {"policy", "reference", "ema"}
+        g.save_checkpoint(tmp_path / "ckpt")
+    finally:
+        g.shutdown()
+    resumed = group(2, 3, algorithm="sapo", batch=4, extra=["sapo.ema_every=1", "sapo.ema_alpha=0.5"])
+    try:
+        resumed.load_checkpoint(tmp_path / "ckpt")
+        for which, expected in (("ema", ema), ("reference", reference), ("policy", theta1)):
+            state = resumed.full_state(which)
+            assert all(torch.equal(state[k], expected[k]) for k in expected), which
+    finally:
+        resumed.shutdown()
+
+
 def test_bf16_learner_keeps_reference_and_ema_in_bf16_and_trains(ray_cluster):
     """train.precision=bf16 works on CPU as on GPU: the policy, the reference and SAPO's EMA all in bfloat16 on
     the engine's device, and the loss goes down on a repeated batch."""
