@@ -114,8 +114,10 @@ class Driver:
     def _recover(self, role: str, i: int) -> None:
         """Generator or judge i died and Ray restarts it: wait for it, restore it (a generator gets the newest
         weights before it serves again), count it once."""
-        handle, restore = ((self.generators[i], lambda: self.sync.restore_generator(i)) if role == "generator"
-                           else (self.judges[i], lambda: get_all({i: self.judges[i].restore.remote()}, 600, "restore", "judge")))
+        if role == "generator":
+            handle, restore = self.generators[i], lambda: self.sync.restore_generator(i)
+        else:  # a judge holds no state: it only acknowledges
+            handle, restore = self.judges[i], lambda: get_all({i: self.judges[i].restore.remote()}, 600, "restore", "judge")
         try:
             if recover(handle, role, i, restore, 600):
                 self.restarts[role] += 1
@@ -174,7 +176,8 @@ class Driver:
             self.resume_state = None
             (self._run_sync if cfg.mode == "sync" else self._run_async)()
             self.sync.wait()
-            loop = utilization(self.counters, self._stats(self.generators, "generator"), self.learners.stats(),
+            generators = get_all({i: g.stats.remote() for i, g in enumerate(self.generators)}, 60, "stats", "generator")
+            loop = utilization(self.counters, [generators[i] for i in range(len(self.generators))], self.learners.stats(),
                                time.perf_counter() - self.t0, self.inflight.generated, self.trained)
             final = self._checkpoint()
             self._evaluate(final_dir=final / "model")
@@ -322,10 +325,6 @@ class Driver:
                 self._recover(role, i)
         now = {**self.restarts, "replay_shard": self.restarts["replay_shard"] + self.replay.restarts}
         return {k: v + self.restarts_before.get(k, 0) for k, v in now.items()}
-
-    def _stats(self, actors: list, role: str) -> list[dict[str, Any]]:
-        stats = get_all({i: a.stats.remote() for i, a in enumerate(actors)}, 60, "stats", role)
-        return [stats[i] for i in range(len(actors))]
 
     def _evaluate(self, final_dir: Path | None = None) -> None:
         """Current policy vs the initial one on held-out prompts: the final model, or the learners' weights now."""
