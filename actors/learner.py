@@ -34,8 +34,6 @@ from selfplay.objectives import encode_rows, preference_loss
 from selfplay.recipes import make_recipe
 from selfplay.weights import pack_buckets, write_safetensors
 
-PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours: ZeRO stage, precision, optimizer, clipping, batch sizes."""
