@@ -15,9 +15,7 @@ from torch import Tensor
 
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(x_t | x_<t) for t = 1..T−1 → [B, T−1]. Computed in float32 via logsumexp (no [B,T,V] softmax copy)."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _fp32_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
 def masked_sum_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
@@ -45,6 +43,7 @@ def masked_sum_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor
 
 
 def _fp32_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) from logits [..., V] and targets [...], in float32."""
     logits = logits.float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
