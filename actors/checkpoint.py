@@ -31,6 +31,7 @@ def save(driver, restarts: dict[str, int]) -> Path:
     write_json(directory / STATE, {
         "step": step, "policy_version": driver.sync.latest_version, "initial_policy": driver.initial_policy,
         "counters": dataclasses.asdict(driver.counters), "logged_samples": driver.logged_samples,
+        "extra_prompts": driver.extra_prompts,
         "evals": driver.evals, "restarts": restarts, "resumes": driver.resumes,
         **driver.inflight.state(),  # the requests in flight are sent again first: their rows were not yet stored
     })
@@ -51,7 +52,7 @@ def restore(driver, state: dict[str, Any]) -> None:
     driver.replay.restore(directory / "replay")
     for key, value in state["counters"].items():  # in place: the driver's parts share this Counters
         setattr(driver.counters, key, value)
-    driver.logged_samples = state["logged_samples"]
+    driver.logged_samples, driver.extra_prompts = state["logged_samples"], state.get("extra_prompts", 0)
     driver.evals, driver.resumes = list(state["evals"]), [*state["resumes"], state["step"]]
     driver.inflight.load_state(state)
     metrics = driver.out / "metrics.jsonl"  # steps after the checkpoint are run again: their lines go

@@ -5,9 +5,12 @@
                 └────────────── WeightSync (object store | broadcast) ◄─────────┘
 
 sync  — lock-step, the papers' schedule: generate → judge → store → train → push weights (and wait).
-async — generators never wait: each always has a request in flight; judged rows stream into the buffer;
-        learners train from the buffer as soon as it holds a batch; weights are pushed every `sync_every`
-        steps without waiting, and generators apply them between batches.
+async — generation and training overlap: judged rows stream into the buffer while the learners train, and
+        weights are pushed every `sync_every` steps without waiting (generators apply them between batches).
+        `train.max_policy_lag` = N bounds it: step n trains once its round of fresh rows (as many as a sync round
+        makes) is stored, and those rows were generated with θ_{n-N} or newer (N = 1: the rows of step n+1 are
+        generated with θ_n while step n trains, as in one-step off-policy RLHF); null lets generators run free
+        and learners train whatever the buffer holds.
 What the algorithm is comes from its recipe (`selfplay.recipes`); requests in flight from `actors.inflight`;
 checkpoints from `actors.checkpoint`; counters and the summary from `actors.metrics`
 (docs/architecture.md, "The driver").
@@ -57,6 +60,7 @@ class Driver:
         self.recipe = make_recipe(cfg)
         self.counters = Counters()
         self.evals: list[dict[str, Any]] = []
+        self.snapshots: list[tuple[int, float, dict]] = []  # (step, loop seconds, weights): eval.every_seconds
         self.trained: list[tuple[float, float]] = []  # (start, end) of every learner step
         self.restarts = {"generator": 0, "judge": 0, "replay_shard": 0}  # actors Ray restarted, recovered here
         self.restarts_before: dict[str, int] = {}  # counted by the attempts before the last resume
@@ -74,6 +78,7 @@ class Driver:
         self.inflight: InFlight | None = None
         self.metrics: RunMetrics | None = None
         self.logged_samples = 0  # samples_generated already counted in the Ray counter
+        self.extra_prompts = 0  # async, bounded: prompts sent beyond one round per step (`_may_generate`)
         self.t0 = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -181,11 +186,12 @@ class Driver:
                                time.perf_counter() - self.t0, self.inflight.generated, self.trained)
             final = self._checkpoint()
             self._evaluate(final_dir=final / "model")
+            timed = self._evaluate_snapshots(loop["loop_seconds"])
             result = summary(cfg, self.counters, self.evals, self.replay.stats(),
                              policy_version=self.sync.latest_version, wall_seconds=round(time.perf_counter() - start, 2),
                              actor_restarts=self._count_restarts(), resumed_from=self.resumes,
                              rows_replayed_after_restart=self.replay.replayed_rows,
-                             prompts_skipped=self.prompts_skipped, **loop)
+                             prompts_skipped=self.prompts_skipped, **loop, **timed)
             checkpoint.write_json(self.out / "summary.json", result, indent=2)
             self.metrics.summary(result)
             plot(self.metrics.records, self.evals, self.out)
@@ -218,18 +224,21 @@ class Driver:
             self._after_step(metrics, rows)
 
     def _run_async(self) -> None:
-        cfg, every = self.cfg, self.cfg.train.checkpoint_every
-        for i in range(len(self.generators)):
-            self.inflight.send(i)
-        # up to two learner steps queued: the next one starts the moment the last ends, with no driver round trip
-        # in between (a weight publish asked for meanwhile runs between them, in the order it was asked). Never
-        # past a checkpoint: the learners must be at exactly the checkpoint's step when it is saved.
+        cfg, every, lag = self.cfg, self.cfg.train.checkpoint_every, self.cfg.train.max_policy_lag
+        # bounded (max_policy_lag = N): one step queued, so the publish after step n runs before step n+1 and
+        # version n is exactly θ_n. Unbounded: up to two, the next one starting the moment the last ends (a publish
+        # asked for meanwhile runs between them). Never past a checkpoint: the learners must be at exactly the
+        # checkpoint's step when it is saved.
+        depth = 2 if lag is None else 1
         training: collections.deque = collections.deque()  # (refs, started, rows) per queued step
         submitted = self.counters.learner_steps
         while self.counters.learner_steps < cfg.train.steps:
-            while (len(training) < 2 and submitted < cfg.train.steps
+            for i in self.inflight.idle():
+                if self._may_generate():
+                    self.inflight.send(i)
+            while (len(training) < depth and submitted < cfg.train.steps
                    and not (every and submitted % every == 0 and self.counters.learner_steps < submitted)
-                   and self.replay.stats()["size"] >= cfg.train.batch_size):
+                   and self._fresh_rows_for(submitted)):
                 self._refresh_reference(submitted)
                 rows = self._sample_batch(required=False)
                 if rows is None:  # stale rows were dropped: wait for fresh ones
@@ -242,9 +251,7 @@ class Driver:
                 raise TimeoutError("no generator, judge, learner or weight publish finished within 600s")
             ref = ready[0]
             if ref in self.inflight:
-                generated = self.inflight.advance(ref)
-                if generated is not None:  # its generator is free: it gets the next request at once
-                    self.inflight.send(generated.generator)
+                self.inflight.advance(ref)
             elif training and ref in training[0][0]:
                 refs, t, rows = training.popleft()
                 metrics = self.learners.finish_step(refs)
@@ -253,6 +260,36 @@ class Driver:
             else:  # a weight publish returned: send the generators their loads
                 self.sync.poll()
         self.inflight.drain(generating=False)  # rows already generated are stored, not dropped
+
+    def _may_generate(self) -> bool:
+        """Async: may an idle generator start a request now? Unbounded: always. Bounded by max_policy_lag = N: the
+        prompts of the learner steps up to N ahead of the next one, and only once the newest weights are on their
+        way (their load is queued before the request): the sync loop's rounds, run ahead by N."""
+        lag = self.cfg.train.max_policy_lag
+        if lag is None:
+            return True
+        if any(push.publishing for push in self.sync.pending):
+            return False
+        flying = self.inflight.prompts()
+        if self.counters.groups_judged + flying < self._prompts_for(self.counters.learner_steps + lag):
+            return True
+        if not flying and self.replay.stats()["size"] < self.cfg.train.batch_size:
+            # ties (or retired rows) left the buffer short of a batch: one more request, as the sync loop's extra round
+            self.extra_prompts += self.cfg.generation.prompts_per_request
+            return True
+        return False
+
+    def _fresh_rows_for(self, step: int) -> bool:
+        """Async: may learner step `step` (0-based) start? Once the buffer holds a batch; bounded, also once the
+        round generated for it is judged and stored, so that every step trains its fresh rows as a sync step does."""
+        enough = self.replay.stats()["size"] >= self.cfg.train.batch_size
+        return enough and (self.cfg.train.max_policy_lag is None
+                           or self.counters.groups_judged >= self._prompts_for(step))
+
+    def _prompts_for(self, step: int) -> int:
+        """Prompts judged before step `step` (0-based) trains, as in the sync loop: one round (every generator,
+        prompts_per_request each) per step, plus the extra requests sent while ties left the buffer short."""
+        return (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request + self.extra_prompts
 
     def _sample_batch(self, required: bool):
         rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync.latest_version)
@@ -278,14 +315,15 @@ class Driver:
         cfg, c = self.cfg, self.counters
         c.learner_steps += 1
         c.samples_trained += rows.num_rows
+        trained_from = self.sync.latest_version  # the newest version before this step's: what it started from
         if c.learner_steps % cfg.train.sync_every == 0:
             self.sync.push()
             c.weight_syncs += 1
-        else:
-            self.sync.poll()
+        self.sync.poll()  # loads acknowledged meanwhile: the generators' versions below are current
         version, lag, stats = self.sync.latest_version, self.sync.version_lag(self.sync.latest_version), \
             self.replay.stats()
         elapsed, trained = time.perf_counter() - self.t0, rows.column("policy_version").to_pylist()
+        times = rows.column("times_sampled").to_pylist()
         record = {
             "step": c.learner_steps, "time": round(elapsed, 3), "loss": metrics["loss"],
             "reward_margin": metrics["reward_margin"], "grad_norm": metrics["grad_norm"],
@@ -293,11 +331,16 @@ class Driver:
             "samples_per_s": c.samples_generated / elapsed, "buffer_size": stats["size"],
             "samples_dropped_stale": stats["dropped_stale"], "policy_version": version,
             "weight_version_lag": sum(lag.values()) / len(lag),
-            "trained_version_lag": version - sum(trained) / len(trained),
+            # versions between the rows' weights and the ones this step trained (0: on-policy)
+            "trained_version_lag": trained_from - sum(trained) / len(trained),
+            "trained_version_lag_max": trained_from - min(trained),
+            "trained_times_sampled": sum(times) / len(times),  # how often this batch's rows have been trained, on average
             "sync_latency": self.sync.latencies[-1] if self.sync.latencies else None,
         }
         self.metrics.log(record, new_samples=c.samples_generated - self.logged_samples, new_trained=rows.num_rows)
         self.logged_samples = c.samples_generated
+        if cfg.eval.every_seconds and elapsed >= (len(self.snapshots) + 1) * cfg.eval.every_seconds:
+            self.snapshots.append((c.learner_steps, round(elapsed, 3), self.learners.full_state()))
         if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
             self._evaluate()
         if cfg.train.checkpoint_every and c.learner_steps % cfg.train.checkpoint_every == 0 \
@@ -335,6 +378,20 @@ class Driver:
         self.log(f"[eval] step {record['step']}: win rate vs initial {record['winrate_vs_initial']:.3f} "
                  f"± {record['stderr']:.3f}" + (f", task score {record['task_score']:.3f} (initial "
                                                  f"{record['initial_task_score']:.3f})" if self.task else ""))
+
+    def _evaluate_snapshots(self, loop_seconds: float) -> dict[str, Any]:
+        """eval.every_seconds: the policies kept during the loop, evaluated now (outside the timed loop), and the
+        final one at the loop's end: {"timed_evals": [{seconds, step, winrate_vs_initial, stderr, …}]}."""
+        if not self.cfg.eval.every_seconds:
+            return {}
+        timed = []
+        for step, seconds, state in self.snapshots:
+            record = evaluate_run(self.cfg, step, self.initial_policy, self.eval_prompts, self.task, state=state)
+            timed.append({"seconds": seconds, **record})
+            self.log(f"[eval] {seconds:.0f}s (step {step}): win rate vs initial {record['winrate_vs_initial']:.3f} "
+                     f"± {record['stderr']:.3f}")
+        self.snapshots = []
+        return {"timed_evals": [*timed, {"seconds": round(loop_seconds, 3), **self.evals[-1]}]}
 
     def _shutdown(self) -> None:
         for handle in self.generators + self.judges:

@@ -83,6 +83,16 @@ class InFlight:
     def refs(self) -> list[ray.ObjectRef]:
         return [*self.generating, *self.judging]
 
+    def idle(self) -> list[int]:
+        """Generators without a request generating."""
+        busy = {r.generator for r in self.generating.values()}
+        return [i for i in range(len(self.generators)) if i not in busy]
+
+    def prompts(self) -> int:
+        """Prompts sent and not yet stored: at most this many rows are still to come."""
+        return sum(len(r.prompts) for r in self.generating.values()) + \
+            sum(len(r.prompts) for _, r, _ in self.judging.values())
+
     def send(self, i: int) -> None:
         """Generator i's next request: a backlog request first, else the next prompts of the stream."""
         if self.backlog:

@@ -39,7 +39,7 @@ SCHEMA = pa.schema(
     ]
 )
 DEFAULTS = ("created_at", "times_sampled", "chosen_prev", "rejected_prev")  # columns a writer may omit
-SAMPLING = ("uniform", "fifo_recent", "least_sampled")
+SAMPLING = ("uniform", "fifo_recent", "fifo_oldest", "least_sampled")
 META_KEY = b"selfplay.replay"
 
 
@@ -182,6 +182,8 @@ class ReplayShard:
             return SCHEMA.empty_table()
         if strategy == "fifo_recent":
             idx = np.arange(max(0, size - n), size)
+        elif strategy == "fifo_oldest":  # with max_reuse=1, a queue: every row trained once, in the order it came
+            idx = np.arange(min(n, size))
         else:
             weights = None
             if strategy == "least_sampled":

@@ -68,6 +68,9 @@ class EvalConfig:
     prompts: int = 200  # held-out prompts for winrate_vs_initial
     temperature: float = 0.0  # 0: greedy, deterministic answers from both policies
     every: int = 0  # also evaluate every N learner steps (0: only at the end)
+    # also keep the policy every N seconds of the training loop and evaluate those copies after the run: quality
+    # vs wall time with no evaluation inside the timed loop (benchmarks.time_to_quality); 0: off
+    every_seconds: float = 0.0
 
 
 @dataclass
@@ -130,12 +133,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     max_prompt_tokens: int | None = None  # longer prompts lose their start (counted: prompts_truncated)
     max_response_tokens: int | None = None  # longer responses lose their end (counted: responses_truncated)
+    # async: each step waits for its round of fresh rows (as a sync step: generation.prompts_per_request per
+    # generator), generated at most N policy versions before the weights it trains (generation waits for new
+    # weights); 1 = one-step off-policy. None: nothing waits (rows trained many versions late, and re-trained)
+    max_policy_lag: int | None = 1
 
 
 @dataclass
 class ReplayConfig:
     capacity: int = 2000  # rows per run (split over shards); paper SAPO: 2000
-    sampling: Literal["uniform", "fifo_recent", "least_sampled"] = "uniform"
+    sampling: Literal["uniform", "fifo_recent", "fifo_oldest", "least_sampled"] = "uniform"
     replace: bool = False
     max_staleness: int | None = None  # versions; None keeps every row
     max_reuse: int | None = None  # a row leaves the buffer once sampled this many times; None: no limit
@@ -507,12 +514,15 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.replay.max_staleness is None or cfg.replay.max_staleness >= 0, "replay.max_staleness",
           "must be >= 0 or null")
     check(cfg.replay.max_reuse is None or cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1 or null")
+    check(cfg.train.max_policy_lag is None or cfg.train.max_policy_lag >= 0, "train.max_policy_lag",
+          "must be >= 0 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
     check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")
     check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
     check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: only at the end)")
+    check(cfg.eval.every_seconds >= 0, "eval.every_seconds", "must be >= 0 (0: off)")
     return errors
 
 

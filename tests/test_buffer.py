@@ -77,6 +77,15 @@ def test_fifo_recent_returns_newest_rows():
     assert ids(shard.sample(3, "fifo_recent")) == ["p7", "p8", "p9"]
 
 
+def test_fifo_oldest_with_max_reuse_1_is_a_queue():
+    shard = ReplayShard(capacity=100, max_reuse=1)
+    shard.add(make_rows(5))
+    assert ids(shard.sample(3, "fifo_oldest")) == ["p0", "p1", "p2"]
+    shard.add(make_rows(2, start=5))
+    assert ids(shard.sample(3, "fifo_oldest")) == ["p3", "p4", "p5"]
+    assert ids(shard.rows()) == ["p6"] and shard.stats()["retired"] == 6
+
+
 def test_uniform_sampling_is_uniform_and_counts_samples():
     shard = ReplayShard(capacity=100, seed=1)
     shard.add(make_rows(10))

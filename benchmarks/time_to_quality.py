@@ -1,0 +1,185 @@
+"""Time to quality: how soon sync and async self-play reach a given policy quality, side by side in one run.
+
+For each algorithm and seed, the embedded demo runs twice on the same machine, task, prompts and warm-up: once
+in sync mode and once in async mode (`train.max_policy_lag` as configured: 1 by default). During each run the
+driver keeps a copy of the policy every `--every` seconds of the training loop (`eval.every_seconds`) and
+evaluates the copies after the loop, so evaluation never runs inside the timed loop (docs/benchmarks.md,
+"Time to quality").
+
+Reported per algorithm: both modes' final win rate vs the initial policy (mean ± s.e. over seeds), the loop
+seconds, the wall time async needs to reach sync's final win rate and its ratio to sync's wall time, and the
+ideal overlap bound measured in the sync run: (sync loop − min(generator busy, learner busy)) / sync loop, the
+ratio a perfect overlap of generation and training would give with nothing else changed. A plot of win rate vs
+wall time (one line per mode, shaded ± s.e. over seeds).
+
+    python -m benchmarks.time_to_quality --quick     # SPPO, 1 seed, 100 steps: a few minutes
+    python -m benchmarks.time_to_quality             # SPPO, SAPO and SRPO, seeds 0,1,2, 300 steps (long)
+    python -m benchmarks.time_to_quality --algorithms sppo --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from actors.driver import Driver
+from selfplay.demo import ALGORITHM, demo_config
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["train.steps=100", "eval.prompts=100"]
+
+
+def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, out: Path, extra: list[str]) -> dict:
+    cfg = demo_config(algorithm, mode, extra=[f"seed={seed}", f"out_dir={out}", "eval.every=0",
+                                              f"eval.every_seconds={every}", "logging.log_every=1000",
+                                              *(QUICK if quick else []), *extra])
+    s = Driver(cfg, out, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True)
+               if m.startswith("[eval]") else None).run()
+    busy_generator = s["loop_seconds"] * (1 - s["generator_idle_fraction"])
+    busy_learner = s["loop_seconds"] * (1 - s["learner_idle_fraction"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    lags = [r["trained_version_lag"] for r in records if "trained_version_lag" in r]
+    return {"seed": seed, "mode": mode, "loop_seconds": s["loop_seconds"], "steps": s["learner_steps"],
+            "winrate": round(s["winrate_vs_initial"], 4), "stderr": round(s["winrate_stderr"], 4),
+            "busy_generator_seconds": round(busy_generator, 1), "busy_learner_seconds": round(busy_learner, 1),
+            "mean_trained_version_lag": round(sum(lags) / max(len(lags), 1), 3),
+            "rows_added": s["rows_added"], "samples_trained": s["samples_trained"],
+            "curve": [[e["seconds"], round(e["winrate_vs_initial"], 4)] for e in s["timed_evals"]]}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def at(curve: list[list[float]], t: float) -> float:
+    """The win rate of the newest evaluated policy at loop time t (0.5, the initial policy's, before the first)."""
+    value = 0.5
+    for seconds, winrate in curve:
+        if seconds <= t:
+            value = winrate
+    return value
+
+
+def first_reach(curve: list[list[float]], target: float) -> float | None:
+    return next((seconds for seconds, winrate in curve if winrate >= target), None)
+
+
+def summarize(runs: list[dict]) -> dict:
+    by_mode = {m: [r for r in runs if r["mode"] == m] for m in ("sync", "async")}
+    sync_final, sync_se = mean_se([r["winrate"] for r in by_mode["sync"]])
+    sync_seconds = sum(r["loop_seconds"] for r in by_mode["sync"]) / len(by_mode["sync"])
+    out = {"sync_final": round(sync_final, 4), "sync_final_se": round(sync_se, 4), "sync_seconds": round(sync_seconds, 1)}
+    for mode, rs in by_mode.items():
+        final, se = mean_se([r["winrate"] for r in rs])
+        out[f"{mode}_final"], out[f"{mode}_final_se"] = round(final, 4), round(se, 4)
+        out[f"{mode}_seconds"] = round(sum(r["loop_seconds"] for r in rs) / len(rs), 1)
+        # per seed: that seed's sync final is the target (same prompts and warm-up), reached at which loop time?
+        reach = [first_reach(r["curve"], s["winrate"]) for r, s in zip(rs, by_mode["sync"])]
+        out[f"{mode}_seconds_to_sync_final"] = reach
+    reached = [t for t in out["async_seconds_to_sync_final"] if t is not None]
+    out["async_reached_sync_final"] = f"{len(reached)}/{len(by_mode['async'])} seeds"
+    out["async_time_ratio"] = round(sum(reached) / len(reached) / sync_seconds, 3) if reached else None
+    out["async_loop_ratio"] = round(out["async_seconds"] / sync_seconds, 3)
+    bound = [(r["loop_seconds"] - min(r["busy_generator_seconds"], r["busy_learner_seconds"])) / r["loop_seconds"]
+             for r in by_mode["sync"]]
+    out["ideal_overlap_ratio"] = round(sum(bound) / len(bound), 3)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algorithms = list(results)
+    fig, axes = plt.subplots(1, len(algorithms), figsize=(5 * len(algorithms), 3.6), squeeze=False)
+    for ax, algorithm in zip(axes[0], algorithms):
+        runs = results[algorithm]["runs"]
+        for mode, color in (("sync", "tab:blue"), ("async", "tab:orange")):
+            rs = [r for r in runs if r["mode"] == mode]
+            end = max(r["loop_seconds"] for r in rs)
+            grid = [end * i / 100 for i in range(101)]
+            stats = [mean_se([at(r["curve"], t) for r in rs]) for t in grid]
+            mean = [m for m, _ in stats]
+            se = [0.0 if math.isnan(s) else s for _, s in stats]
+            ax.plot(grid, mean, color=color, label=f"{mode} ({len(rs)} seed{'s' * (len(rs) > 1)})")
+            ax.fill_between(grid, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
+                            color=color, alpha=0.2)
+        ax.axhline(results[algorithm]["summary"]["sync_final"], color="gray", ls="--", lw=0.8,
+                   label="sync final")
+        ax.set_title(algorithm.upper())
+        ax.set_xlabel("training-loop seconds")
+        ax.set_ylabel("win rate vs initial")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="SPPO, seed 0, 100 steps, 100 evaluation prompts")
+    parser.add_argument("--algorithms", default=None, help="comma-separated (default sppo,sapo,srpo; quick: sppo)")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+    parser.add_argument("--every", type=float, default=None, help="seconds between kept policies (default 30; quick 15)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, both modes")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "time_to_quality.json"), help="the JSON file to write")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench-time-to-quality.png"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    algorithms = (args.algorithms or ("sppo" if args.quick else "sppo,sapo,srpo")).split(",")
+    unknown = [a for a in algorithms if a not in ALGORITHM]
+    if unknown:
+        parser.error(f"--algorithms: unknown {', '.join(unknown)}; use some of {', '.join(ALGORITHM)}")
+    try:
+        seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected integers such as 0,1,2; got {args.seeds!r}")
+    every = args.every or (15.0 if args.quick else 30.0)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
+    t0 = time.perf_counter()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results = {}
+    try:
+        for algorithm in algorithms:
+            runs = []
+            for seed in seeds:
+                for mode in ("sync", "async"):  # side by side: same seed, prompts, warm-up and machine
+                    run = run_once(algorithm, mode, seed, every, args.quick, workdir / f"{algorithm}-{mode}-{seed}",
+                                   args.set)
+                    runs.append(run)
+                    print(f"[time_to_quality] {algorithm} seed {seed} {mode}: {run['winrate']:.3f} ± {run['stderr']:.3f}"
+                          f" in {run['loop_seconds']:.0f}s (trained version lag {run['mean_trained_version_lag']:.2f})",
+                          file=sys.stderr, flush=True)
+            results[algorithm] = {"summary": summarize(runs), "runs": runs}
+            print(f"[time_to_quality] {algorithm}: {json.dumps(results[algorithm]['summary'])}", file=sys.stderr,
+                  flush=True)
+    finally:
+        ray.shutdown()
+    out = {"benchmark": "time_to_quality", "command": " ".join(["python -m benchmarks.time_to_quality", *argv]),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+           "model": "tiny (0.44M params), warmed up", "task": "sort", "seeds": seeds, "every_seconds": every,
+           "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    plot(results, Path(args.plot))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
