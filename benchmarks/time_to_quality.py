@@ -8,8 +8,8 @@ evaluates the copies after the loop, so evaluation never runs inside the timed l
 
 Reported per algorithm: both modes' final win rate vs the initial policy (mean ± s.e. over seeds), the loop
 seconds, the wall time async needs to reach sync's final win rate and its ratio to sync's wall time, and the
-ideal overlap bound measured in the sync run: (sync loop − min(generator busy, learner busy)) / sync loop, the
-ratio a perfect overlap of generation and training would give with nothing else changed. A plot of win rate vs
+ideal overlap bound measured in the sync run: max(generator busy, learner busy) / sync loop, the ratio of a
+pipeline that only ever waits on its busiest stage. A plot of win rate vs
 wall time (one line per mode, shaded ± s.e. over seeds).
 
     python -m benchmarks.time_to_quality --quick     # SPPO, 1 seed, 100 steps: a few minutes
@@ -56,10 +56,11 @@ def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, ou
             "curve": [[e["seconds"], round(e["winrate_vs_initial"], 4)] for e in s["timed_evals"]]}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error over seeds (None from one seed: then each run's own s.e. is the figure)."""
     m = sum(values) / len(values)
     if len(values) < 2:
-        return m, float("nan")
+        return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
@@ -78,22 +79,21 @@ def first_reach(curve: list[list[float]], target: float) -> float | None:
 
 def summarize(runs: list[dict]) -> dict:
     by_mode = {m: [r for r in runs if r["mode"] == m] for m in ("sync", "async")}
-    sync_final, sync_se = mean_se([r["winrate"] for r in by_mode["sync"]])
     sync_seconds = sum(r["loop_seconds"] for r in by_mode["sync"]) / len(by_mode["sync"])
-    out = {"sync_final": round(sync_final, 4), "sync_final_se": round(sync_se, 4), "sync_seconds": round(sync_seconds, 1)}
+    out = {}
     for mode, rs in by_mode.items():
         final, se = mean_se([r["winrate"] for r in rs])
-        out[f"{mode}_final"], out[f"{mode}_final_se"] = round(final, 4), round(se, 4)
+        out[f"{mode}_final"], out[f"{mode}_final_se"] = round(final, 4), se and round(se, 4)
         out[f"{mode}_seconds"] = round(sum(r["loop_seconds"] for r in rs) / len(rs), 1)
         # per seed: that seed's sync final is the target (same prompts and warm-up), reached at which loop time?
-        reach = [first_reach(r["curve"], s["winrate"]) for r, s in zip(rs, by_mode["sync"])]
-        out[f"{mode}_seconds_to_sync_final"] = reach
+        out[f"{mode}_seconds_to_sync_final"] = [first_reach(r["curve"], s["winrate"])
+                                                 for r, s in zip(rs, by_mode["sync"])]
     reached = [t for t in out["async_seconds_to_sync_final"] if t is not None]
     out["async_reached_sync_final"] = f"{len(reached)}/{len(by_mode['async'])} seeds"
     out["async_time_ratio"] = round(sum(reached) / len(reached) / sync_seconds, 3) if reached else None
     out["async_loop_ratio"] = round(out["async_seconds"] / sync_seconds, 3)
-    bound = [(r["loop_seconds"] - min(r["busy_generator_seconds"], r["busy_learner_seconds"])) / r["loop_seconds"]
-             for r in by_mode["sync"]]
+    # a pipeline is no faster than its busiest stage: sync's generator or learner busy time over sync's loop
+    bound = [max(r["busy_generator_seconds"], r["busy_learner_seconds"]) / r["loop_seconds"] for r in by_mode["sync"]]
     out["ideal_overlap_ratio"] = round(sum(bound) / len(bound), 3)
     return out
 
@@ -114,7 +114,7 @@ def plot(results: dict, path: Path) -> None:
             grid = [end * i / 100 for i in range(101)]
             stats = [mean_se([at(r["curve"], t) for r in rs]) for t in grid]
             mean = [m for m, _ in stats]
-            se = [0.0 if math.isnan(s) else s for _, s in stats]
+            se = [s or 0.0 for _, s in stats]
             ax.plot(grid, mean, color=color, label=f"{mode} ({len(rs)} seed{'s' * (len(rs) > 1)})")
             ax.fill_between(grid, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
                             color=color, alpha=0.2)
@@ -165,14 +165,21 @@ def main(argv=None) -> dict:
                     print(f"[time_to_quality] {algorithm} seed {seed} {mode}: {run['winrate']:.3f} ± {run['stderr']:.3f}"
                           f" in {run['loop_seconds']:.0f}s (trained version lag {run['mean_trained_version_lag']:.2f})",
                           file=sys.stderr, flush=True)
-            results[algorithm] = {"summary": summarize(runs), "runs": runs}
+            results[algorithm] = {"summary": summarize(runs), "seeds": seeds, "runs": runs}
             print(f"[time_to_quality] {algorithm}: {json.dumps(results[algorithm]['summary'])}", file=sys.stderr,
                   flush=True)
     finally:
         ray.shutdown()
-    out = {"benchmark": "time_to_quality", "command": " ".join(["python -m benchmarks.time_to_quality", *argv]),
+    command = " ".join(["python -m benchmarks.time_to_quality", *argv])
+    for entry in results.values():
+        entry["command"] = command
+    previous = Path(args.out)
+    if previous.exists():  # the algorithms this command did not run keep their last results (and their command)
+        kept = json.loads(previous.read_text()).get("results", {})
+        results = {**{a: r for a, r in kept.items() if a not in results}, **results}
+    out = {"benchmark": "time_to_quality", "command": command,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-           "model": "tiny (0.44M params), warmed up", "task": "sort", "seeds": seeds, "every_seconds": every,
+           "model": "tiny (0.44M params), warmed up", "task": "sort", "every_seconds": every,
            "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
