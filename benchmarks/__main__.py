@@ -1,4 +1,5 @@
-"""Every benchmark in one run: replay, generation, weight sync, pipeline (sync vs async) and the TRL peer.
+"""Every benchmark in one run: replay, generation, weight sync, pipeline (sync vs async), time to quality and the
+TRL peer.
 
     python -m benchmarks --quick               # about 3 minutes on the 2-core CPU machine
     python -m benchmarks                       # the full sizes (longer)
@@ -24,7 +25,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("replay", "generation", "weight_sync", "pipeline", "peer")
+BENCHMARKS = ("replay", "generation", "weight_sync", "pipeline", "time_to_quality", "peer")
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
@@ -50,6 +51,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(_fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _pm(summary: dict, mode: str) -> str:
+    """A final win rate with its s.e. over seeds (one seed: the figure alone)."""
+    se = summary[f"{mode}_final_se"]
+    return f"{summary[f'{mode}_final']:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def _fmt(x) -> str:
@@ -92,6 +99,15 @@ def tables(results: dict[str, dict]) -> str:
                   f"**{x['async_over_sync']:.2f}×**" if mode == "async" else ""]
                  for x in rows if "skipped" not in x for mode in ("sync", "async")]))
             out += [f"\n{x['layout']}: not measured, {x['skipped']}." for x in rows if "skipped" in x]
+        elif name == "time_to_quality":
+            out.append(_table(
+                ["algorithm", "seeds", "sync final", "async final", "sync loop s", "async loop s",
+                 "async s to sync final", "async / sync time", "ideal (busiest stage)"],
+                [[a, len(x["seeds"]), _pm(x["summary"], "sync"), _pm(x["summary"], "async"),
+                  x["summary"]["sync_seconds"], x["summary"]["async_seconds"],
+                  ", ".join("—" if t is None else f"{t:.0f}" for t in x["summary"]["async_seconds_to_sync_final"]),
+                  f"**{x['summary']['async_time_ratio']}×**", f"{x['summary']['ideal_overlap_ratio']}×"]
+                 for a, x in r["results"].items()]))
         elif name == "peer":
             out.append(_table(
                 ["system", "pairs trained/s", "distinct pairs judged", "win rate vs initial", "task score"],
@@ -216,6 +232,11 @@ def headline(results: dict[str, dict]) -> list[str]:
         lines.append(f"pipeline {row['layout']}: async/sync = {row['async_over_sync']:.2f}× samples trained/s "
                      f"(target 1.6×); async idle: generators {a['generator_idle_fraction']:.0%}, learner "
                      f"{a['learner_idle_fraction']:.0%} (target < 15%)")
+    for algorithm, x in results.get("time_to_quality", {}).get("results", {}).items():
+        t = x["summary"]
+        lines.append(f"time to quality {algorithm}: async reaches sync's final {t['sync_final']:.3f} at "
+                     f"{t['async_time_ratio']}× sync's wall time (target 0.6×; busiest stage {t['ideal_overlap_ratio']}×); "
+                     f"final {t['async_final']:.3f} vs {t['sync_final']:.3f}")
     peer = results.get("peer", {})
     if "ours" in peer:
         lines.append(f"peer: ours {peer['ours']['pairs_per_s']:.1f} vs TRL {peer['trl']['pairs_per_s']:.1f} pairs "

@@ -136,8 +136,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     parser.add_argument("--every", type=float, default=None, help="seconds between kept policies (default 30; quick 15)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, both modes")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "time_to_quality.json"), help="the JSON file to write")
-    parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench-time-to-quality.png"))
+    parser.add_argument("--out", default=None, help="the JSON file to write (default docs/time_to_quality.json; "
+                        "quick: docs/time_to_quality-quick.json); other algorithms' results in it are kept")
+    parser.add_argument("--plot", default=None, help="the PNG (default docs/img/bench-time-to-quality[-quick].png)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     algorithms = (args.algorithms or ("sppo" if args.quick else "sppo,sapo,srpo")).split(",")
@@ -149,6 +150,9 @@ def main(argv=None) -> dict:
     except ValueError:
         parser.error(f"--seeds: expected integers such as 0,1,2; got {args.seeds!r}")
     every = args.every or (15.0 if args.quick else 30.0)
+    suffix = "-quick" if args.quick else ""
+    args.out = args.out or str(ROOT / "docs" / f"time_to_quality{suffix}.json")
+    args.plot = args.plot or str(ROOT / "docs" / "img" / f"bench-time-to-quality{suffix}.png")
     workdir = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
     t0 = time.perf_counter()
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -9,7 +9,9 @@ Assumptions (say so when quoting a plan):
 - generators are independent: G generators produce G times the rows (no shared bottleneck);
 - data parallelism scales a step's time as t_train / (L · efficiency^(L−1)) — efficiency < 1 models the
   all-reduce cost;
-- every row is trained on once (on-policy-like: the buffer neither starves nor hoards);
+- every row is trained on once (on-policy-like: the buffer neither starves nor hoards); the generators run free,
+  so the surplus column is what they would produce beyond the learners; with the default bounded schedule
+  (`train.max_policy_lag`) they wait instead, and the surplus reads as their idle share;
 - judging is folded into the generator time (a judge per few generators keeps up: PairRM is ~100× cheaper
   than generating a response); weight pushes cost `sync_seconds` of learner time every `sync_every` steps.
 """
@@ -73,7 +75,8 @@ def simulate(costs: Costs, generators: int, learners: int, seconds: float = 600.
         learner_free_at = max(learner_free_at, t)  # an idle learner starts when the rows arrive
         heapq.heappush(events, (t + costs.gen_seconds * rng.uniform(1 - costs.jitter, 1 + costs.jitter), i))
     train_until(seconds)
-    # async generators never wait; what the learners cannot absorb shows as surplus: rows produced, never trained
+    # unbounded async (train.max_policy_lag: null) generators never wait: what the learners cannot absorb shows as
+    # surplus, rows produced and never trained; bounded (the default), the same share is generator time spent waiting
     produced = trained + buffer
     generator_surplus = max(0.0, 1 - trained / produced) if produced else 1.0
     return trained / seconds, generator_surplus, 1 - learner_busy / seconds

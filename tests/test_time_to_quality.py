@@ -1,0 +1,35 @@
+"""The time-to-quality benchmark's arithmetic, on made-up runs (the runs themselves: benchmarks.time_to_quality)."""
+
+import pytest
+
+from benchmarks.time_to_quality import at, first_reach, mean_se, summarize
+
+
+def run(mode, seed, final, seconds, curve, busy_generator, busy_learner):
+    return {"mode": mode, "seed": seed, "winrate": final, "loop_seconds": seconds, "curve": curve,
+            "busy_generator_seconds": busy_generator, "busy_learner_seconds": busy_learner}
+
+
+def test_async_time_to_sync_final_and_the_busiest_stage_bound():
+    runs = [
+        run("sync", 0, 0.70, 400.0, [[100, 0.6], [300, 0.71], [400, 0.70]], 240.0, 130.0),
+        run("async", 0, 0.72, 260.0, [[100, 0.65], [200, 0.70], [260, 0.72]], 250.0, 140.0),
+        run("sync", 1, 0.66, 420.0, [[200, 0.62], [420, 0.66]], 260.0, 120.0),
+        run("async", 1, 0.62, 270.0, [[200, 0.60], [270, 0.62]], 260.0, 130.0),  # never reaches 0.66
+    ]
+    s = summarize(runs)
+    assert s["sync_final"] == pytest.approx(0.68) and s["async_final"] == pytest.approx(0.67)
+    assert s["sync_final_se"] == pytest.approx(0.02) and s["async_final_se"] == pytest.approx(0.05)
+    assert s["sync_seconds"] == 410.0 and s["async_seconds"] == 265.0
+    assert s["async_seconds_to_sync_final"] == [200, None]  # seed 0 reaches its sync final 0.70 at 200 s
+    assert s["sync_seconds_to_sync_final"] == [300, 420]
+    assert s["async_reached_sync_final"] == "1/2 seeds"
+    assert s["async_time_ratio"] == round(200 / 410, 3) and s["async_loop_ratio"] == round(265 / 410, 3)
+    assert s["ideal_overlap_ratio"] == round((240 / 400 + 260 / 420) / 2, 3)
+
+
+def test_curve_lookups_and_one_seed_has_no_spread():
+    curve = [[10.0, 0.55], [20.0, 0.6]]
+    assert at(curve, 5.0) == 0.5 and at(curve, 10.0) == 0.55 and at(curve, 25.0) == 0.6
+    assert first_reach(curve, 0.58) == 20.0 and first_reach(curve, 0.7) is None
+    assert mean_se([0.6]) == (0.6, None)
