@@ -102,11 +102,12 @@ def tables(results: dict[str, dict]) -> str:
         elif name == "time_to_quality":
             out.append(_table(
                 ["algorithm", "seeds", "sync final", "async final", "sync loop s", "async loop s",
-                 "async s to sync final", "async / sync time", "ideal (busiest stage)"],
+                 "async s to sync final (per seed)", "async / sync time", "ideal (busiest stage)"],
                 [[a, len(x["seeds"]), _pm(x["summary"], "sync"), _pm(x["summary"], "async"),
                   x["summary"]["sync_seconds"], x["summary"]["async_seconds"],
                   ", ".join("—" if t is None else f"{t:.0f}" for t in x["summary"]["async_seconds_to_sync_final"]),
-                  f"**{x['summary']['async_time_ratio']}×**", f"{x['summary']['ideal_overlap_ratio']}×"]
+                  "not reached" if x["summary"]["async_time_ratio"] is None else f"**{x['summary']['async_time_ratio']}×**",
+                  f"{x['summary']['ideal_overlap_ratio']}×"]
                  for a, x in r["results"].items()]))
         elif name == "peer":
             out.append(_table(
@@ -234,8 +235,9 @@ def headline(results: dict[str, dict]) -> list[str]:
                      f"{a['learner_idle_fraction']:.0%} (target < 15%)")
     for algorithm, x in results.get("time_to_quality", {}).get("results", {}).items():
         t = x["summary"]
-        lines.append(f"time to quality {algorithm}: async reaches sync's final {t['sync_final']:.3f} at "
-                     f"{t['async_time_ratio']}× sync's wall time (target 0.6×; busiest stage {t['ideal_overlap_ratio']}×); "
+        reached = "never reaches" if t["async_time_ratio"] is None else f"reaches at {t['async_time_ratio']}× sync's wall time"
+        lines.append(f"time to quality {algorithm}: async {reached} sync's final {t['sync_final']:.3f} "
+                     f"(target 0.6×; busiest stage {t['ideal_overlap_ratio']}×); "
                      f"final {t['async_final']:.3f} vs {t['sync_final']:.3f}")
     peer = results.get("peer", {})
     if "ours" in peer:

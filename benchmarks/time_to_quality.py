@@ -7,7 +7,8 @@ evaluates the copies after the loop, so evaluation never runs inside the timed l
 "Time to quality").
 
 Reported per algorithm: both modes' final win rate vs the initial policy (mean ± s.e. over seeds), the loop
-seconds, the wall time async needs to reach sync's final win rate and its ratio to sync's wall time, and the
+seconds, the wall time async needs to reach sync's final win rate — per seed (that seed's sync final) and over
+seeds (the mean async curve against the mean sync final: `async_time_ratio`, its ratio to sync's loop time) — and the
 ideal overlap bound measured in the sync run: max(generator busy, learner busy) / sync loop, the ratio of a
 pipeline that only ever waits on its busiest stage. A plot of win rate vs
 wall time (one line per mode, shaded ± s.e. over seeds).
@@ -36,6 +37,13 @@ from selfplay.demo import ALGORITHM, demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["train.steps=100", "eval.prompts=100"]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.system()
 
 
 def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, out: Path, extra: list[str]) -> dict:
@@ -90,7 +98,12 @@ def summarize(runs: list[dict]) -> dict:
                                                  for r, s in zip(rs, by_mode["sync"])]
     reached = [t for t in out["async_seconds_to_sync_final"] if t is not None]
     out["async_reached_sync_final"] = f"{len(reached)}/{len(by_mode['async'])} seeds"
-    out["async_time_ratio"] = round(sum(reached) / len(reached) / sync_seconds, 3) if reached else None
+    # over seeds: the first evaluation time at which async's mean curve reaches sync's mean final win rate
+    times = sorted({t for r in by_mode["async"] for t, _ in r["curve"]})
+    mean_async = [(t, sum(at(r["curve"], t) for r in by_mode["async"]) / len(by_mode["async"])) for t in times]
+    t_mean = first_reach([[t, w] for t, w in mean_async], out["sync_final"])
+    out["async_seconds_to_mean_sync_final"] = t_mean
+    out["async_time_ratio"] = None if t_mean is None else round(t_mean / sync_seconds, 3)
     out["async_loop_ratio"] = round(out["async_seconds"] / sync_seconds, 3)
     # a pipeline is no faster than its busiest stage: sync's generator or learner busy time over sync's loop
     bound = [max(r["busy_generator_seconds"], r["busy_learner_seconds"]) / r["loop_seconds"] for r in by_mode["sync"]]
@@ -182,7 +195,7 @@ def main(argv=None) -> dict:
         kept = json.loads(previous.read_text()).get("results", {})
         results = {**{a: r for a, r in kept.items() if a not in results}, **results}
     out = {"benchmark": "time_to_quality", "command": command,
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
            "model": "tiny (0.44M params), warmed up", "task": "sort", "every_seconds": every,
            "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,20 @@ def test_async_time_to_sync_final_and_the_busiest_stage_bound():
     assert s["async_seconds_to_sync_final"] == [200, None]  # seed 0 reaches its sync final 0.70 at 200 s
     assert s["sync_seconds_to_sync_final"] == [300, 420]
     assert s["async_reached_sync_final"] == "1/2 seeds"
-    assert s["async_time_ratio"] == round(200 / 410, 3) and s["async_loop_ratio"] == round(265 / 410, 3)
+    # the mean async curve: (0.65+0.5)/2 at 100 s, (0.70+0.60)/2 = 0.65 at 200 s, 0.67 at 260 s and 270 s: it
+    # never reaches the mean sync final 0.68
+    assert s["async_seconds_to_mean_sync_final"] is None and s["async_time_ratio"] is None
+    assert s["async_loop_ratio"] == round(265 / 410, 3)
     assert s["ideal_overlap_ratio"] == round((240 / 400 + 260 / 420) / 2, 3)
+
+
+def test_the_mean_async_curve_reaching_the_mean_sync_final_gives_the_ratio():
+    runs = [run("sync", 0, 0.70, 400.0, [[400, 0.70]], 240.0, 130.0),
+            run("async", 0, 0.72, 260.0, [[100, 0.66], [200, 0.71], [260, 0.72]], 250.0, 140.0),
+            run("sync", 1, 0.66, 400.0, [[400, 0.66]], 260.0, 120.0),
+            run("async", 1, 0.70, 270.0, [[110, 0.62], [210, 0.69], [270, 0.70]], 260.0, 130.0)]
+    s = summarize(runs)  # mean async: 0.58 at 100 s, 0.64 at 110 s, 0.665 at 200 s, 0.70 at 210 s ≥ 0.68
+    assert s["async_seconds_to_mean_sync_final"] == 210 and s["async_time_ratio"] == round(210 / 400, 3)
 
 
 def test_curve_lookups_and_one_seed_has_no_spread():
