@@ -1,7 +1,7 @@
 """Every benchmark in one run: replay, generation, weight sync, pipeline (sync vs async), time to quality and the
 TRL peer.
 
-    python -m benchmarks --quick               # about 3 minutes on the 2-core CPU machine
+    python -m benchmarks --quick               # about 8 minutes on the 2-core CPU machine
     python -m benchmarks                       # the full sizes (longer)
     python -m benchmarks --quick --only pipeline,peer
 
