@@ -282,9 +282,9 @@ class Driver:
     def _fresh_rows_for(self, step: int) -> bool:
         """Async: may learner step `step` (0-based) start? Once the buffer holds a batch; bounded, also once the
         round generated for it is judged and stored, so that every step trains its fresh rows as a sync step does."""
-        enough = self.replay.stats()["size"] >= self.cfg.train.batch_size
-        return enough and (self.cfg.train.max_policy_lag is None
-                           or self.counters.groups_judged >= self._prompts_for(step))
+        if self.cfg.train.max_policy_lag is not None and self.counters.groups_judged < self._prompts_for(step):
+            return False  # decided without asking the replay shards (a round trip to each)
+        return self.replay.stats()["size"] >= self.cfg.train.batch_size
 
     def _prompts_for(self, step: int) -> int:
         """Prompts judged before step `step` (0-based) trains, as in the sync loop: one round (every generator,

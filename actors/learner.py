@@ -35,8 +35,9 @@ from selfplay.recipes import make_recipe
 from selfplay.weights import pack_buckets, write_safetensors
 
 
-def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's JSON config from ours: ZeRO stage, precision, optimizer, clipping, batch sizes."""
+def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """DeepSpeed's JSON config from ours: ZeRO stage, precision, optimizer, clipping, batch sizes; under ZeRO-3
+    its gather and bucket limits sized to `model`; `train.deepspeed` merged last."""
     share = cfg.train.batch_size // world_size
     micro = cfg.train.micro_batch_size or share
     ds: dict[str, Any] = {
@@ -60,11 +61,35 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
     if cfg.train.zero_stage >= 1 and not on_gpu:
         # gloo has no reduce-scatter; ZeRO then reduces with all-reduce
         ds["zero_optimization"].update(reduce_scatter=False, overlap_comm=False, contiguous_gradients=False)
+    if cfg.train.zero_stage == 3 and model is not None:
+        ds["zero_optimization"].update(zero3_limits(model))
     if cfg.train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.train.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return ds
+    return _merged(ds, cfg.train.deepspeed)
+
+
+def zero3_limits(model: torch.nn.Module) -> dict[str, int]:
+    """ZeRO-3's limits on gathered parameters and gradient buckets, sized to the model rather than DeepSpeed's
+    defaults (10⁹ live parameters, 5·10⁸-element buckets: below ~1B parameters the whole model stays gathered).
+    Live: two decoder layers, or the largest single parameter (the embedding) if that is more; buckets and
+    prefetch as Hugging Face's "auto" (hidden², 0.9·hidden²; parameters under 10·hidden stay whole)."""
+    sizes = [p.numel() for p in model.parameters()]
+    hidden = model.config.hidden_size
+    layers = getattr(model.config, "num_hidden_layers", 1) or 1
+    live = max(max(sizes), 2 * (sum(sizes) - max(sizes)) // layers)
+    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "reduce_bucket_size": hidden * hidden,
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _skip_deepspeed_jit_ops() -> None:
@@ -128,7 +153,7 @@ class LearnerActor:
                 self.reference = _frozen_copy(model)
         self.ema = _frozen_copy(model) if self.recipe.ema else None
         n = sum(p.numel() for p in model.parameters())
-        ds_config = deepspeed_config(cfg, self.world_size, self.on_gpu)
+        ds_config = deepspeed_config(cfg, self.world_size, self.on_gpu, model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
         weights_only_checkpoint_loading(self.engine)
@@ -144,7 +169,15 @@ class LearnerActor:
                     m.to(device=self.engine.device, dtype=dtype)
         self.step = 0
         self.version = 0
-        return {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage}
+        info = {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage}
+        if self.partitioned:  # as DeepSpeed read them: ours, or train.deepspeed's
+            e = self.engine
+            info["zero3_limits"] = {"max_live_parameters": e.zero_max_live_parameters(),
+                                    "max_reuse_distance": e.zero_max_reuse_distance(),
+                                    "prefetch_bucket_size": e.zero_prefetch_bucket_size(),
+                                    "reduce_bucket_size": e.zero_reduce_bucket_size(),
+                                    "param_persistence_threshold": e.zero_param_persistence_threshold()}
+        return info
 
     # -- training ---------------------------------------------------------------------------------------------
 

@@ -137,6 +137,9 @@ class TrainConfig:
     # generator), generated at most N policy versions before the weights it trains (generation waits for new
     # weights); 1 = one-step off-policy. None: nothing waits (rows trained many versions late, and re-trained)
     max_policy_lag: int | None = 1
+    # merged last into the DeepSpeed config the learner writes (docs/cluster.md), e.g.
+    # {zero_optimization: {stage3_max_live_parameters: 1e8}}; a key ours sets is replaced, nested keys merge
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -385,6 +388,8 @@ def _coerce(value: Any, hint) -> tuple[bool, Any, str]:
             return True, None, ""
         ok, coerced, expected = _coerce(value, args[0])
         return ok, coerced, f"{expected} or null"
+    if origin is dict:
+        return isinstance(value, dict), value, "a mapping"
     if hint is bool:
         return isinstance(value, bool), value, "true or false"
     if hint is int:

@@ -120,3 +120,5 @@ def test_bad_files(tmp_path):
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "train: 5\n"))
+    with pytest.raises(ConfigError, match=r"train.deepspeed: expected a mapping, got 'zero3'"):
+        load_config(None, ["train.deepspeed=zero3"])

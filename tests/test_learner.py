@@ -114,6 +114,32 @@ def test_zero3_partitions_reference_and_ema_and_updates_them_in_place(ray_cluste
         resumed.shutdown()
 
 
+def test_zero3_limits_are_sized_to_the_model_and_train_deepspeed_overrides_them(ray_cluster, tiny):
+    """DeepSpeed's ZeRO-3 defaults keep up to 10⁹ parameters gathered (below ~1B: the whole model); ours are two
+    layers or the largest parameter, and `train.deepspeed` is merged over everything, nested keys one by one."""
+    from actors.learner import deepspeed_config
+
+    model, _ = tiny
+    sizes = [p.numel() for p in model.parameters()]
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    live = max(max(sizes), 2 * (sum(sizes) - max(sizes)) // layers)
+    cfg = load_config(None, ["train.zero_stage=3", "train.deepspeed.zero_optimization.reduce_bucket_size=4096",
+                             "train.deepspeed.gradient_clipping=0.5"])
+    ds = deepspeed_config(cfg, 2, False, model)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 4096
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == live < 10**9
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+    assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == cfg.train.batch_size
+    g = group(2, 3, batch=4, extra=["train.deepspeed.zero_optimization.reduce_bucket_size=4096"])
+    try:  # what the engines run with, as DeepSpeed parsed it
+        limits = [info["zero3_limits"] for info in g.info]
+        assert limits[0] == limits[1] and limits[0]["max_live_parameters"] == live
+        assert limits[0]["reduce_bucket_size"] == 4096 and limits[0]["param_persistence_threshold"] == 10 * hidden
+        g.train_step(rows(4))
+    finally:
+        g.shutdown()
+
+
 def test_bf16_learner_keeps_reference_and_ema_in_bf16_and_trains(ray_cluster):
     """train.precision=bf16 works on CPU as on GPU: the policy, the reference and SAPO's EMA all in bfloat16 on
     the engine's device, and the loss goes down on a repeated batch."""
