@@ -21,7 +21,7 @@ import ray
 import torch
 
 from actors.faults import HoldPoints
-from actors.remote import ActorRestarted, restarted
+from actors.remote import ActorRestarted, peak_rss_mb, restarted
 from selfplay.backends import make_backend
 from selfplay.config import Config
 from selfplay.generation import revise
@@ -220,7 +220,7 @@ class GeneratorActor:
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,
                 "awaiting_restore": self.awaiting_restore,  # restarted, not yet given the current weights
-                "pid": os.getpid(), **self.counters}  # a new pid: Ray restarted this generator
+                "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(), **self.counters}  # a new pid: Ray restarted it
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights being served (hf backend), for verification in tests and tools."""

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from actors.faults import HoldPoints
-from actors.remote import get_all
+from actors.remote import get_all, peak_rss_mb
 from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.objectives import encode_rows, preference_loss
@@ -73,13 +73,14 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, model: torch.nn
 def zero3_limits(model: torch.nn.Module) -> dict[str, int]:
     """ZeRO-3's limits on gathered parameters and gradient buckets, sized to the model rather than DeepSpeed's
     defaults (10⁹ live parameters, 5·10⁸-element buckets: below ~1B parameters the whole model stays gathered).
-    Live: two decoder layers, or the largest single parameter (the embedding) if that is more; buckets and
+    Live: two decoder layers, or the largest single parameter (the embedding) if that is more; the optimizer
+    steps sub-groups of that size (its temporaries are one sub-group, not the rank's whole partition); buckets and
     prefetch as Hugging Face's "auto" (hidden², 0.9·hidden²; parameters under 10·hidden stay whole)."""
     sizes = [p.numel() for p in model.parameters()]
     hidden = model.config.hidden_size
     layers = getattr(model.config, "num_hidden_layers", 1) or 1
     live = max(max(sizes), 2 * (sum(sizes) - max(sizes)) // layers)
-    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live, "sub_group_size": live,
             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "reduce_bucket_size": hidden * hidden,
             "stage3_param_persistence_threshold": 10 * hidden}
 
@@ -98,6 +99,13 @@ def _skip_deepspeed_jit_ops() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__dict__["__compatible_ops__"] = {}
+
+
+# glibc's malloc raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which freed
+# tensors stay in the heap, resident: at the 0.5B shape a ZeRO-3 rank on CPU then held ~3 GB more after a step
+# than its tensors, and two ranks hit the memory limit at step 2. A fixed threshold returns every block of 4 MiB
+# or more to the OS when it is freed (docs/benchmarks.md, "Scale ladder").
+CPU_LEARNER_ENV = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}}
 
 
 @ray.remote
@@ -247,7 +255,7 @@ class LearnerActor:
         placement = {w: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in self._module(w).parameters()})
                      for w in present}
         return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds,
-                "placement": placement, "partitioned": self.partitioned, "peak_rss_mb": _peak_rss_mb()}
+                "placement": placement, "partitioned": self.partitioned, "peak_rss_mb": peak_rss_mb()}
 
     def reset_peak_memory(self) -> None:
         """Start `peak_rss_mb` over (Linux: /proc/self/clear_refs), e.g. after loading, to measure training."""
@@ -420,12 +428,6 @@ class LearnerActor:
         return state
 
 
-def _peak_rss_mb() -> float:
-    """The most resident memory this process has held (since it started or its last reset), in MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def _save_model_files(model, tokenizer, directory: Path) -> None:
     """Everything of a Hugging Face model directory but the weights (streamed there separately). A function of
     its own: Ray pickles actor methods by value, and cloudpickle would take a method naming both `torch` and
@@ -488,8 +490,9 @@ class LearnerGroup:
         policy = policy or cfg.model.policy
         self.placement = self._place(options)
         self.actors = [
-            LearnerActor.options(**options, scheduling_strategy=self._bundle(r)).remote(cfg.to_dict(), r, self.world_size,
-                                                                                       policy)
+            LearnerActor.options(**options, scheduling_strategy=self._bundle(r),
+                                 runtime_env=None if options["num_gpus"] else CPU_LEARNER_ENV).remote(
+                cfg.to_dict(), r, self.world_size, policy)
             for r in range(self.world_size)
         ]
         addr, port = self._get([self.actors[0].address.remote()], "address")[0]

@@ -42,6 +42,9 @@ def utilization(counters: Counters, generators: list[dict], learners: list[dict]
         "learner_idle_fraction": 1 - sum(busy_l) / (len(busy_l) * loop_seconds),
         "generator_versions": [s["policy_version"] for s in generators],  # served at the end
         "generate_train_overlap_seconds": round(overlap, 3),
+        # each process's resident peak since it started (model loading included), MiB
+        "peak_rss_mb": {"generators": [round(s["peak_rss_mb"]) for s in generators],
+                        "learners": [round(s["peak_rss_mb"]) for s in learners]},
     }
 
 

@@ -27,6 +27,13 @@ def restarted() -> bool:
     return ray.get_runtime_context().was_current_actor_reconstructed
 
 
+def peak_rss_mb() -> float:
+    """Inside an actor: the most resident memory its process has held (since it started or its last reset with
+    /proc/self/clear_refs), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role: str) -> dict[Any, Any]:
     """ray.get every ref within one shared deadline. Errors name the actor as "<role> <key>"."""
     deadline = time.monotonic() + timeout_s

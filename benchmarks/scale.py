@@ -12,6 +12,7 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
 
     python -m benchmarks.scale            # up to the 0.5B shape (fp32 on CPU: bf16 matmuls are slower here)
     python -m benchmarks.scale --quick    # up to ~100M parameters, a few minutes
+    python -m benchmarks.scale --selfplay-run   # a 4-step SPPO run at the 0.5B shape: peak memory per actor
 
 Writes the figures to `--out` (default docs/scale.json) and a plot to `--plot` (default docs/img/bench-scale.png),
 prints them as one JSON line and progress on stderr.
@@ -75,6 +76,12 @@ def pairs(n: int, seed: int = 0) -> pa.Table:
                      "p_chosen": [0.8] * n, "p_rejected": [0.3] * n})
 
 
+def machine() -> str:
+    from benchmarks.time_to_quality import cpu_model
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
+
+
 def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None, checkpointing: bool) -> dict:
     from actors.learner import LearnerGroup
     from selfplay.config import load_config
@@ -102,16 +109,56 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
             "publish_mb": round(published["nbytes"] / 2**20, 1)}
 
 
+def selfplay_run(name: str, directory: Path) -> dict:
+    """`selfplay run` at rung `name`: SPPO, 2 ZeRO-3 learners (micro-batch 1, checkpointing, 256-token responses),
+    1 hf generator, a random PairRM judge (a random policy's text ties under the sort task's rule judge), 4 steps
+    with a weight push after each; each actor's resident peak from summary.json."""
+    from actors.driver import Driver
+    from selfplay.config import load_config
+    from selfplay.judges.pairrm import save_random_pairrm
+    from selfplay.tiny import build_tokenizer
+
+    policy, n = build(name, directory)
+    judge = save_random_pairrm(directory / "pairrm", build_tokenizer(0), seed=0)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"model.policy={policy}", "judge.kind=pairrm", f"judge.path={judge}", "resources.num_learners=2",
+        "train.zero_stage=3", "train.batch_size=2", "train.micro_batch_size=1", "train.gradient_checkpointing=true",
+        "train.max_response_tokens=256", "generation.max_new_tokens=256", "generation.prompts_per_request=2",
+        "sppo.k=2", "train.steps=4", "train.lr=1e-6", "eval.prompts=4", "eval.every=0", "logging.log_every=1"])
+    t0 = time.perf_counter()
+    result = Driver(cfg, directory / "run", log=lambda line: print(line, file=sys.stderr)).run()
+    return {"model": name, "parameters": n, "learner_steps": result["learner_steps"],
+            "weight_syncs": result["weight_syncs"], "rows_lost": result["rows_lost"],
+            "peak_rss_mb": result["peak_rss_mb"], "loop_seconds": result["loop_seconds"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="rungs up to ~100M parameters only")
     parser.add_argument("--out", default=str(ROOT / "docs" / "scale.json"), help="the JSON file to write")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "bench-scale.png"), help="the PNG to write")
+    parser.add_argument("--rungs", help="comma-separated rungs to run (default: all; --quick: up to qwen2-100m)")
+    parser.add_argument("--memory-batches", help="pairs per step for the memory sweep at the largest rung "
+                        "(default: 2,4,8,16 with --quick, else 2,16)")
+    parser.add_argument("--selfplay-run", action="store_true",
+                        help="only a 4-step SPPO `selfplay run` at the largest rung (--quick: ~100M), its peak "
+                             "memory per actor added to --out as `selfplay_run`")
     args = parser.parse_args(argv)
+    if args.selfplay_run:
+        return run_only(args)
     rungs = ["tiny", "qwen2-25m", "qwen2-100m"] + ([] if args.quick else ["qwen2-0.5b"])
     memory_rung = "qwen2-25m" if args.quick else "qwen2-0.5b"
+    if args.rungs:
+        rungs = args.rungs.split(",")
+        unknown = [r for r in rungs if r != "tiny" and r not in SHAPES]
+        if unknown:
+            parser.error(f"unknown rung(s) {', '.join(unknown)}; known: tiny, {', '.join(SHAPES)}")
+        memory_rung = rungs[-1]
     # 1x and 8x a micro-batch at the 0.5B shape (a 16-pair step takes minutes on a CPU); every size in between at 25M
     batches = (2, 4, 8, 16) if args.quick else (2, 16)
+    if args.memory_batches:
+        batches = tuple(int(b) for b in args.memory_batches.split(","))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t0, ladder, memory = time.perf_counter(), [], []
     try:
@@ -133,12 +180,30 @@ def main(argv=None) -> dict:
                             memory.append(row)
     finally:
         ray.shutdown()
-    out = {"benchmark": "scale", "command": "python -m benchmarks.scale" + (" --quick" if args.quick else ""),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "precision": "fp32",
+    command = "python -m benchmarks.scale" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    out = {"benchmark": "scale", "command": command,
+           "machine": machine(), "precision": "fp32",
            "results": ladder, "memory_vs_batch": memory, "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     plot(out, Path(args.plot))
     print(json.dumps(out))
+    return out
+
+
+def run_only(args) -> dict:
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = selfplay_run("qwen2-100m" if args.quick else "qwen2-0.5b", Path(tmp))
+    finally:
+        ray.shutdown()
+    run["command"] = "python -m benchmarks.scale --selfplay-run" + (" --quick" if args.quick else "")
+    run["machine"] = machine()
+    out_path = Path(args.out)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale"}
+    out["selfplay_run"] = run
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(run))
     return out
 
 

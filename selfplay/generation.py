@@ -42,6 +42,9 @@ def generate_ids(
     greedy = temperature <= 0
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
     per_prompt = 1 if greedy else num_samples  # greedy gives one answer per prompt: decode once, repeat it
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows > len(tokenizer):  # a padded vocabulary (Qwen2: 151,936 rows, fewer tokens): never sample an id
+        sampling["suppress_tokens"] = list(range(len(tokenizer), rows))  # that decodes to nothing
     out: list[list[Completion]] = []
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -141,3 +141,21 @@ def test_import_selfplay_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generation_never_samples_ids_past_the_tokenizer(tiny):
+    """A model with more embedding rows than tokens (Qwen2 pads its vocabulary; the scale ladder's 0.5B shape has
+    151,936 rows for the tiny tokenizer's few hundred) never samples an id that decodes to nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from selfplay.generation import generate_ids
+
+    _, tok = tiny
+    config = build_tiny(seed=0)[0].config
+    config.vocab_size = 20 * len(tok)  # random weights: almost all of the probability is on the padding rows
+    torch.manual_seed(0)
+    padded = AutoModelForCausalLM.from_config(config).eval()
+    prompt = tok("Sort ascending: 3 1 2")["input_ids"]
+    out = generate_ids(padded, tok, [prompt], num_samples=4, max_new_tokens=16, temperature=1.0, seed=0)
+    ids = [i for c in out[0] for i in c.token_ids]
+    assert ids and max(ids) < len(tok)

@@ -93,3 +93,6 @@ def test_collective_weight_transport_runs_end_to_end(ray_cluster, tmp_path, warm
     summary = Driver(cfg, tmp_path / f"collective-{mode}", log=print).run()
     assert summary["learner_steps"] == 20 and summary["weight_syncs"] == 20 and summary["policy_version"] == 20
     assert summary["generator_versions"] == [20]
+    peaks = summary["peak_rss_mb"]  # each actor process's resident peak: a model and Python at least
+    assert len(peaks["generators"]) == 1 and len(peaks["learners"]) == 1
+    assert all(100 < mb < 16_000 for mb in peaks["generators"] + peaks["learners"])
