@@ -6,7 +6,7 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
 
 - per rung and layout (1 rank ZeRO-0; 2 ranks ZeRO-3): seconds per learner step (the second; the first warms
   up), peak resident memory of each learner process while training (measured inside the actor, its peak reset
-  after loading), publish seconds and bytes;
+  after loading) and then with a publish (rank 0 holds the host copies it sends), publish seconds and bytes;
 - at one size: peak training memory vs batch size (1×, 2×, 4×, 8× a fixed micro-batch of 2 pairs), with and
   without gradient checkpointing.
 
@@ -97,15 +97,17 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
         t0 = time.perf_counter()
         metrics = group.train_step(pairs(batch, 1))
         step_s = time.perf_counter() - t0
+        peaks = [s["peak_rss_mb"] for s in group.stats()]  # training only
         t0 = time.perf_counter()
         published = group.publish()
         publish_s = time.perf_counter() - t0
-        peaks = [s["peak_rss_mb"] for s in group.stats()]
+        with_publish = [s["peak_rss_mb"] for s in group.stats()]  # rank 0 also holds the host copies it sends
     finally:
         group.shutdown()
     return {"learners": learners, "zero": zero, "batch": batch, "micro_batch": micro or batch // learners,
             "checkpointing": checkpointing, "step_seconds": round(step_s, 3), "tokens": metrics["tokens"],
-            "peak_rss_mb": [round(p) for p in peaks], "publish_seconds": round(publish_s, 3),
+            "peak_rss_mb": [round(p) for p in peaks], "peak_with_publish_mb": [round(p) for p in with_publish],
+            "publish_seconds": round(publish_s, 3),
             "publish_mb": round(published["nbytes"] / 2**20, 1)}
 
 
@@ -168,8 +170,9 @@ def main(argv=None) -> dict:
                 for learners, zero in ((1, 0), (2, 3)):
                     row = {"model": name, "parameters": n, **measure(policy, learners, zero, 4, 2, True)}
                     print(f"[scale] {name} ({n / 1e6:.1f}M) {learners} rank(s) ZeRO-{zero}: "
-                          f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB, "
-                          f"publish {row['publish_seconds']:.2f} s ({row['publish_mb']} MiB)", file=sys.stderr)
+                          f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB training, "
+                          f"{row['peak_with_publish_mb']} MiB with publish {row['publish_seconds']:.2f} s "
+                          f"({row['publish_mb']} MiB)", file=sys.stderr)
                     ladder.append(row)
                 if name == memory_rung:
                     for checkpointing in (False, True):

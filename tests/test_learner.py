@@ -1,7 +1,10 @@
 """LearnerActor / LearnerGroup with real DeepSpeed engines on the session's Ray cluster (gloo on CPU)."""
 
+import os
+
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from selfplay.config import load_config
@@ -135,6 +138,9 @@ def test_zero3_limits_are_sized_to_the_model_and_train_deepspeed_overrides_them(
         limits = [info["zero3_limits"] for info in g.info]
         assert limits[0] == limits[1] and limits[0]["max_live_parameters"] == live
         assert limits[0]["reduce_bucket_size"] == 4096 and limits[0]["param_persistence_threshold"] == 10 * hidden
+        # CPU learners free large blocks back to the OS (actors/learner.py: CPU_LEARNER_ENV)
+        env = ray.get([a.__ray_call__.remote(lambda self: os.environ.get("MALLOC_MMAP_THRESHOLD_")) for a in g.actors])
+        assert env == [str(4 << 20)] * 2
         g.train_step(rows(4))
     finally:
         g.shutdown()
