@@ -138,7 +138,7 @@ class TrainConfig:
     # weights); 1 = one-step off-policy. None: nothing waits (rows trained many versions late, and re-trained)
     max_policy_lag: int | None = 1
     # merged last into the DeepSpeed config the learner writes (docs/cluster.md), e.g.
-    # {zero_optimization: {stage3_max_live_parameters: 1e8}}; a key ours sets is replaced, nested keys merge
+    # {zero_optimization: {stage3_max_live_parameters: 100000000}}; a key ours sets is replaced, nested keys merge
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
