@@ -185,6 +185,7 @@ class Driver:
             loop = utilization(self.counters, [generators[i] for i in range(len(self.generators))], self.learners.stats(),
                                time.perf_counter() - self.t0, self.inflight.generated, self.trained)
             final = self._checkpoint()
+            self.learners.shutdown()  # the final model is on disk: free the learners before the driver evaluates it
             self._evaluate(final_dir=final / "model")
             timed = self._evaluate_snapshots(loop["loop_seconds"])
             result = summary(cfg, self.counters, self.evals, self.replay.stats(),
