@@ -160,7 +160,10 @@ def main(argv=None) -> dict:
     # 1x and 8x a micro-batch at the 0.5B shape (a 16-pair step takes minutes on a CPU); every size in between at 25M
     batches = (2, 4, 8, 16) if args.quick else (2, 16)
     if args.memory_batches:
-        batches = tuple(int(b) for b in args.memory_batches.split(","))
+        try:
+            batches = tuple(int(b) for b in args.memory_batches.split(","))
+        except ValueError:
+            parser.error(f"--memory-batches {args.memory_batches!r}: expected comma-separated integers, e.g. 2,16")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t0, ladder, memory = time.perf_counter(), [], []
     try:
