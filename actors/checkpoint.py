@@ -22,11 +22,12 @@ def write_json(path: Path, data: dict[str, Any], indent: int | None = None) -> N
     tmp.replace(path)
 
 
-def save(driver, restarts: dict[str, int]) -> Path:
-    """Learners, then the replay snapshot, then the driver's state (last: it marks the checkpoint complete)."""
+def save(driver, restarts: dict[str, int], final: bool = False) -> Path:
+    """Learners, then the replay snapshot, then the driver's state (last: it marks the checkpoint complete). A LoRA
+    run writes its merged model (`model/`) only in the final checkpoint; every checkpoint has the adapters."""
     step = driver.counters.learner_steps
     directory = driver.out / "checkpoints" / f"step_{step}"
-    driver.learners.save_checkpoint(directory)
+    driver.learners.save_checkpoint(directory, merged=final)
     driver.replay.snapshot(directory / "replay")
     write_json(directory / STATE, {
         "step": step, "policy_version": driver.sync.latest_version, "initial_policy": driver.initial_policy,

@@ -184,7 +184,7 @@ class Driver:
             generators = get_all({i: g.stats.remote() for i, g in enumerate(self.generators)}, 60, "stats", "generator")
             loop = utilization(self.counters, [generators[i] for i in range(len(self.generators))], self.learners.stats(),
                                time.perf_counter() - self.t0, self.inflight.generated, self.trained)
-            final = self._checkpoint()
+            final = self._checkpoint(final=True)
             self.learners.shutdown()  # the final model is on disk: free the learners before the driver evaluates it
             self._evaluate(final_dir=final / "model")
             timed = self._evaluate_snapshots(loop["loop_seconds"])
@@ -355,9 +355,9 @@ class Driver:
 
     # -- checkpoints, restarts, evaluation ------------------------------------------------------------------------
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, final: bool = False) -> Path:
         self.sync.wait()  # generators serve exactly these weights (checkpoint_every is a multiple of sync_every)
-        directory = checkpoint.save(self, self._count_restarts())
+        directory = checkpoint.save(self, self._count_restarts(), final)
         self.log(f"[selfplay] checkpoint {directory}")
         return directory
 

@@ -50,7 +50,7 @@ class GeneratorActor:
         self.backend = make_backend(
             cfg.generation.backend, policy, tokenizer=self.tokenizer, dtype=cfg.model.dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
-            gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
+            gpu_memory_utilization=cfg.generation.gpu_memory_utilization, lora=cfg.model.lora,
         )
         self.policy_version = 0
         self.awaiting_restore = restarted()  # a restart serves nothing until the driver brings the current weights

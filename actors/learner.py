@@ -30,6 +30,17 @@ from actors.faults import HoldPoints
 from actors.remote import get_all, peak_rss_mb
 from selfplay.config import Config
 from selfplay.ema import ema_update
+from selfplay.lora import (
+    ADAPTER_WEIGHTS,
+    ADAPTERS,
+    AdapterView,
+    adapter_parameters,
+    check_adapter_checkpoint,
+    lora_enabled,
+    merge_weights,
+    with_adapters,
+    write_adapter_config,
+)
 from selfplay.objectives import encode_rows, preference_loss
 from selfplay.recipes import make_recipe
 from selfplay.weights import pack_buckets, write_safetensors
@@ -131,7 +142,7 @@ class LearnerActor:
 
         import deepspeed
 
-        from selfplay.models import load_policy_and_tokenizer, weights_only_checkpoint_loading
+        from selfplay.models import load_policy_and_tokenizer
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
@@ -144,40 +155,41 @@ class LearnerActor:
         model, self.tokenizer = load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=self.policy_path),
                                                           cfg.seed)
         model.train()
+        n = sum(p.numel() for p in model.parameters())
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.recipe = make_recipe(cfg)  # the loss, whether to keep an EMA, and how it moves
         self.spec = self.recipe.loss
-        # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
-        self.reference = None
-        if self.spec.needs_reference:
-            if cfg.model.reference:  # a separate reference checkpoint, when the config names one
+        self.lora = cfg.model.lora if lora_enabled(cfg.model.lora) else None
+        if self.lora:  # one base, adapters for the policy, the reference and the EMA (selfplay/lora.py)
+            model = with_adapters(model, self.lora, frozen=tuple(
+                w for w, kept in (("reference", self.spec.needs_reference), ("ema", self.recipe.ema)) if kept))
+            self._init_engine(model, model_parameters=[p for p in model.parameters() if p.requires_grad])
+            self.reference = AdapterView(self.engine.module, "reference") if self.spec.needs_reference else None
+            self.ema = AdapterView(self.engine.module, "ema") if self.recipe.ema else None
+        else:  # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
+            reference = None
+            if self.spec.needs_reference:  # a separate reference checkpoint, when the config names one
                 from selfplay.models import load_causal_lm
 
-                reference = load_causal_lm(cfg.model.reference, cfg.model.dtype, cfg.model.trust_remote_code,
-                                           self.tokenizer, cfg.seed)
-                self.reference = _frozen_copy(reference)
-            else:
-                self.reference = _frozen_copy(model)
-        self.ema = _frozen_copy(model) if self.recipe.ema else None
-        n = sum(p.numel() for p in model.parameters())
-        ds_config = deepspeed_config(cfg, self.world_size, self.on_gpu, model)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
-        weights_only_checkpoint_loading(self.engine)
-        self.partitioned = cfg.train.zero_stage == 3
-        if self.partitioned:  # the frozen copies too: each rank holds 1/world of them, gathered layer by layer
-            frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "zero_allow_untested_optimizer")}
-            self.reference, self.ema = (None if m is None else deepspeed.initialize(model=m, config=frozen)[0]
-                                        for m in (self.reference, self.ema))
-        else:  # where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
-            dtype = next(self.engine.module.parameters()).dtype
-            for m in (self.reference, self.ema):
-                if m is not None:
-                    m.to(device=self.engine.device, dtype=dtype)
+                reference = _frozen_copy(load_causal_lm(cfg.model.reference, cfg.model.dtype, cfg.model.trust_remote_code,
+                                                        self.tokenizer, cfg.seed) if cfg.model.reference else model)
+            ema = _frozen_copy(model) if self.recipe.ema else None
+            ds_config = self._init_engine(model, model_parameters=model.parameters())
+            if self.partitioned:  # the frozen copies too: each rank holds 1/world of them, gathered layer by layer
+                frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "zero_allow_untested_optimizer")}
+                reference, ema = (None if m is None else deepspeed.initialize(model=m, config=frozen)[0]
+                                  for m in (reference, ema))
+            else:  # where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
+                dtype = next(self.engine.module.parameters()).dtype
+                for m in (reference, ema):
+                    if m is not None:
+                        m.to(device=self.engine.device, dtype=dtype)
+            self.reference, self.ema = reference, ema
         self.step = 0
         self.version = 0
-        info = {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage}
+        info = {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage,
+                "trained_parameters": sum(int(np.prod(s)) for s, _ in self._specs("policy").values())}
         if self.partitioned:  # as DeepSpeed read them: ours, or train.deepspeed's
             e = self.engine
             info["zero3_limits"] = {"max_live_parameters": e.zero_max_live_parameters(),
@@ -186,6 +198,18 @@ class LearnerActor:
                                     "reduce_bucket_size": e.zero_reduce_bucket_size(),
                                     "param_persistence_threshold": e.zero_param_persistence_threshold()}
         return info
+
+    def _init_engine(self, model: torch.nn.Module, model_parameters) -> dict[str, Any]:
+        import deepspeed
+
+        from selfplay.models import weights_only_checkpoint_loading
+
+        ds_config = deepspeed_config(self.cfg, self.world_size, self.on_gpu, model)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds_config)
+        # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
+        weights_only_checkpoint_loading(self.engine)
+        self.partitioned = self.cfg.train.zero_stage == 3
+        return ds_config
 
     # -- training ---------------------------------------------------------------------------------------------
 
@@ -252,7 +276,7 @@ class LearnerActor:
         present = [w for w, m in (("policy", self.engine), ("reference", self.reference), ("ema", self.ema))
                    if m is not None]
         # where each model's tensors are, and in which dtype: one model off the engine's device fails step 1
-        placement = {w: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for t in self._module(w).parameters()})
+        placement = {w: sorted({f"{t.device}/{t.dtype}".replace("torch.", "") for _, t in self._named(w)})
                      for w in present}
         return {"rank": self.rank, "step": self.step, "policy_version": self.version, "busy_seconds": self.busy_seconds,
                 "placement": placement, "partitioned": self.partitioned, "peak_rss_mb": peak_rss_mb()}
@@ -275,11 +299,12 @@ class LearnerActor:
         if self.reference is None:
             return
         start = time.perf_counter()
-        reference = dict(self._module("reference").named_parameters())
+        reference = dict(self._named("reference"))
         with torch.no_grad():
             if self.partitioned:  # partition to partition: identical layouts, nothing gathered
-                for name, p in self._module(source).named_parameters():
-                    reference[name].ds_tensor.copy_(p.ds_tensor)
+                for name, p in self._named(source):
+                    for ref, src in _stored(reference[name], p):
+                        ref.copy_(src)
             else:
                 for name, p in self._each_parameter(source):
                     reference[name].copy_(p.detach())
@@ -287,32 +312,47 @@ class LearnerActor:
 
     def _update_ema(self) -> None:
         """θ_ema ← α θ_ema + (1 − α) θ where θ_ema lives: under ZeRO-3 each rank updates its partition."""
-        ema = dict(self._module("ema").named_parameters())
+        ema = dict(self._named("ema"))
         if self.partitioned:
-            for name, p in self._module("policy").named_parameters():
-                ema_update([ema[name].ds_tensor], [p.ds_tensor], self.recipe.ema.alpha)
+            for name, p in self._named("policy"):
+                for e, src in _stored(ema[name], p):
+                    ema_update([e], [src], self.recipe.ema.alpha)
         else:
             for name, p in self._each_parameter("policy"):
                 ema_update([ema[name]], [p], self.recipe.ema.alpha)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _module(self, which: str) -> torch.nn.Module:
-        """The policy, EMA or reference as a plain module (under ZeRO-3: the partitioned one in its engine)."""
+    def _named(self, which: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the policy, EMA or reference as it is stored (under ZeRO-3: partitioned). With LoRA:
+        that adapter's tensors under PEFT's saved names (the base is shared and frozen)."""
+        if self.lora:
+            if which != "policy" and getattr(self, which) is None:
+                raise ValueError(f"this learner has no {which} adapter")
+            return adapter_parameters(self.engine.module, which)
         model = {"policy": self.engine, "ema": self.ema, "reference": self.reference}[which]
         if model is None:
             raise ValueError(f"this learner has no {which} model")
-        return model.module if which == "policy" or self.partitioned else model
+        return list((model.module if which == "policy" or self.partitioned else model).named_parameters())
+
+    def _specs(self, which: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{name: (full shape, dtype)} of what `_each_parameter(which)` yields, read without gathering."""
+        return {n: (tuple(getattr(p, "ds_shape", None) or p.shape), p.dtype) for n, p in self._named(which)}
+
+    def _gathered(self, params: list, modifier_rank: int | None = None):
+        """Under ZeRO-3, `params` gathered whole for the block (a collective: every rank must enter it); with
+        `modifier_rank`, what that rank writes into them is partitioned back on exit."""
+        if not self.partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
     def _each_parameter(self, which: str, modifier_rank: int | None = None):
         """(name, full parameter) of the policy, EMA or reference, one at a time. Under ZeRO-3 each parameter is
-        gathered for its turn only (a collective: every rank must iterate), so no rank ever holds a whole model
-        gathered; with `modifier_rank`, what that rank writes into it is partitioned back on exit."""
-        if self.partitioned:
-            import deepspeed
-        for name, p in self._module(which).named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=modifier_rank) if self.partitioned \
-                    else contextlib.nullcontext():
+        gathered for its turn only, so no rank ever holds a whole model gathered."""
+        for name, p in self._named(which):
+            with self._gathered([p], modifier_rank):
                 yield name, p
 
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
@@ -378,33 +418,72 @@ class LearnerActor:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str) -> str:
+    def save_checkpoint(self, directory: str, merged: bool = True) -> str:
         """Model (a Hugging Face directory) + EMA + reference in safetensors, streamed a parameter at a time by
-        rank 0; optimizer (DeepSpeed, all ZeRO stages), RNG, step, version."""
+        rank 0; optimizer (DeepSpeed, all ZeRO stages), RNG, step, version. With LoRA: the policy adapter in PEFT's
+        layout (`adapter/`), the EMA and reference adapters, DeepSpeed's state without the frozen base, and the
+        merged model in `model/` only when `merged` (the final checkpoint: what evaluation and users load)."""
         out = Path(directory)
-        (out / "model").mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(out / "deepspeed"), tag="latest", save_latest=False)
+        out.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="latest", save_latest=False,
+                                    exclude_frozen_parameters=bool(self.lora))
         _save_rng(out, self.rank)
-        for which, path in (("policy", out / "model" / "model.safetensors"), ("ema", out / "ema.safetensors"),
-                            ("reference", out / "reference.safetensors")):
-            if which == "policy" or getattr(self, which) is not None:
-                self._stream(which, path)
+        if self.lora:
+            self._stream("policy", out / "adapter" / ADAPTER_WEIGHTS)
+        if not self.lora or merged:
+            self._stream("merged" if self.lora else "policy", out / "model" / "model.safetensors")
+        for which in ("ema", "reference"):
+            if getattr(self, which) is not None:
+                self._stream(which, out / f"{which}.safetensors")
         if self.rank == 0:
-            _save_model_files(self.engine.module, self.tokenizer, out / "model")
+            if self.lora:
+                write_adapter_config(self.engine.module, self.policy_path, out / "adapter")
+            if not self.lora or merged:
+                _save_model_files(self._base_model(), self.tokenizer, out / "model")
             (out / "trainer_state.json").write_text(json.dumps({"step": self.step, "policy_version": self.version}))
         torch.distributed.barrier()
         return str(out)
 
+    def _base_model(self) -> torch.nn.Module:
+        """The transformers model under DeepSpeed (and under PEFT's wrapper, with LoRA)."""
+        return self.engine.module.get_base_model() if self.lora else self.engine.module
+
     def _stream(self, which: str, path: Path) -> None:
         """Write one model's parameters to a safetensors file as they are gathered (rank 0 writes; the others
         take part in each gather under ZeRO-3): host memory for one parameter at a time, not a model."""
-        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in self._module(which).named_parameters()]
-        tensors = (p for _, p in self._each_parameter(which))
+        if which == "merged":
+            specs, tensors = self._merged_specs(), self._each_merged_parameter()
+        else:
+            specs, tensors = list(self._specs(which).items()), (p for _, p in self._each_parameter(which))
         if self.rank == 0:
-            write_safetensors(path, specs, tensors)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(path, [(n, shape, dtype) for n, (shape, dtype) in specs], tensors)
         else:
             for _ in tensors:
                 pass
+
+    def _merged_layers(self) -> list[tuple[str, torch.nn.Parameter, tuple | None]]:
+        """LoRA: (name in the base model, base parameter, (lora_A, lora_B) of the policy adapter or None)."""
+        params = dict(self.engine.module.named_parameters())
+        out = []
+        for name, p in params.items():
+            if ".lora_" in name:
+                continue
+            plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            layer = name.split(".base_layer.")[0] if name.endswith(".base_layer.weight") else None
+            pair = (params[f"{layer}.lora_A.default.weight"], params[f"{layer}.lora_B.default.weight"]) if layer else None
+            out.append((plain, p, pair))
+        return out
+
+    def _merged_specs(self) -> list[tuple[str, tuple[tuple[int, ...], torch.dtype]]]:
+        return [(n, (tuple(getattr(p, "ds_shape", None) or p.shape), p.dtype)) for n, p, _ in self._merged_layers()]
+
+    def _each_merged_parameter(self):
+        """LoRA: the merged policy W + (α/r)·B·A a layer at a time (gathered together under ZeRO-3)."""
+        scale = self.lora.alpha / self.lora.rank
+        for _, p, pair in self._merged_layers():
+            with self._gathered([p, *(pair or ())]):
+                yield merge_weights(p.detach(), *pair, scale) if pair else p.detach()
 
     def load_checkpoint(self, directory: str) -> dict[str, int]:
         from safetensors.torch import load_file
@@ -412,9 +491,13 @@ class LearnerActor:
         from selfplay.models import check_checkpoint_compatible
 
         src = Path(directory)
-        check_checkpoint_compatible(src, self.engine.module)  # a clear error for another model's checkpoint
+        if self.lora:  # a clear error for another model's or another adapter's checkpoint
+            check_adapter_checkpoint(src, self.engine.module, {w: self._specs(w) for w in ADAPTERS
+                                                      if w == "policy" or getattr(self, w) is not None})
+        else:
+            check_checkpoint_compatible(src, self.engine.module)
         self.engine.load_checkpoint(str(src / "deepspeed"), tag="latest", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+                                    load_lr_scheduler_states=True, load_module_strict=not self.lora)
         for w in ("ema", "reference"):
             if getattr(self, w) is not None:
                 state = load_file(str(src / f"{w}.safetensors")) if self.rank == 0 or not self.partitioned else {}
@@ -439,6 +522,16 @@ def _save_model_files(model, tokenizer, directory: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def _stored(target: torch.nn.Parameter, source: torch.nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """ZeRO-3: the tensors that hold a parameter on this rank, paired with the source's. Its partition; and a
+    parameter under `stage3_param_persistence_threshold` (norms, LoRA factors) is also kept whole on every rank
+    and computed with from that copy, which a gather does not refresh: both must change."""
+    pairs = [(target.ds_tensor, source.ds_tensor)]
+    if getattr(target, "ds_persist", False):
+        pairs.append((target.data, source.data))
+    return pairs
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -548,8 +641,9 @@ class LearnerGroup:
     def refresh_reference(self, source: str = "policy") -> None:
         self._get([a.refresh_reference.remote(source) for a in self.actors], "refresh_reference")
 
-    def save_checkpoint(self, directory: str | Path) -> str:
-        return self._get([a.save_checkpoint.remote(str(directory)) for a in self.actors], "save_checkpoint")[0]
+    def save_checkpoint(self, directory: str | Path, merged: bool = True) -> str:
+        return self._get([a.save_checkpoint.remote(str(directory), merged) for a in self.actors],
+                         "save_checkpoint")[0]
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, int]:
         return self._get([a.load_checkpoint.remote(str(directory)) for a in self.actors], "load_checkpoint")[0]

@@ -23,11 +23,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: full fine-tuning; r > 0: train LoRA adapters of rank r on a frozen base (selfplay/lora.py)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # module names (e.g. [q_proj, v_proj]); null: every linear layer
+
+
+@dataclass
 class ModelConfig:
     policy: str = "tiny"  # "tiny" builds the embedded model; otherwise a local directory or hub id
     reference: str | None = None  # defaults to the initial policy
     trust_remote_code: bool = False  # executing a checkpoint's Python code must be asked for explicitly
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -449,6 +458,15 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.task.max_prompt_chars >= 1, "task.max_prompt_chars", "must be >= 1")
     check(bool(cfg.model.policy.strip()), "model.policy", "must name a model (tiny, a directory or a hub id)")
     check(bool(cfg.out_dir.strip()), "out_dir", "must not be empty")
+    lora = cfg.model.lora
+    check(lora.rank >= 0, "model.lora.rank", "must be >= 0 (0: full fine-tuning)")
+    check(lora.alpha > 0, "model.lora.alpha", "must be > 0")
+    check(0 <= lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+    check(lora.target_modules is None or (isinstance(lora.target_modules, list) and bool(lora.target_modules)
+                                          and all(isinstance(m, str) and m for m in lora.target_modules)),
+          "model.lora.target_modules", "must be a non-empty list of module names, or null (every linear layer)")
+    check(not lora.rank or cfg.model.reference is None, "model.reference",
+          "cannot be combined with model.lora: the reference is the base model with the adapters off")
     check(cfg.task.min_items >= 1, "task.min_items", "must be >= 1")
     check(cfg.task.max_items >= cfg.task.min_items, "task.max_items", "must be >= task.min_items")
 

@@ -92,11 +92,16 @@ def evaluate_run(cfg, step: int, initial_policy: str, prompts: list[Prompt], tas
     """A run's evaluation record at `step`: its policy — a saved model directory, or the initial policy with the
     learners' current `state` loaded — against the initial policy, with the task judge or the configured one."""
     from selfplay.judges import make_judge
+    from selfplay.lora import load_adapter_state, lora_enabled, with_adapters
     from selfplay.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(initial_policy, cfg.model.trust_remote_code)
     current = load_causal_lm(model_dir or initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
-    if state is not None:
+    if state is not None and lora_enabled(cfg.model.lora):  # the learners' adapter, on the initial policy
+        current = with_adapters(current, cfg.model.lora)
+        load_adapter_state(current, state)
+        current = current.merge_and_unload()
+    elif state is not None:
         current.load_state_dict(state, strict=False)
     result = against_initial(cfg, current, initial_policy, prompts, make_judge(cfg.judge, cfg.task), task, tokenizer=tok)
     return {"step": step, "winrate_vs_initial": result["winrate"], "stderr": result["stderr"],

@@ -1,10 +1,12 @@
-"""The transformers backend: `model.generate` on CPU or GPU."""
+"""The transformers backend: `model.generate` on CPU or GPU. With LoRA (`lora`: the run's `model.lora`) the
+model carries the policy adapter (PEFT) over the initial weights, and a weight update is the adapter alone."""
 
 from __future__ import annotations
 
 import torch
 
 from selfplay.generation import Completion, generate_ids
+from selfplay.lora import adapter_parameters, lora_enabled, with_adapters
 from selfplay.models import load_causal_lm
 
 
@@ -12,22 +14,29 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
-                 trust_remote_code: bool = False, device: str | None = None, **_ignored):
+                 trust_remote_code: bool = False, device: str | None = None, lora=None, **_ignored):
         self.tokenizer = tokenizer
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, tokenizer, seed)
+        self.lora = lora if lora is not None and lora_enabled(lora) else None
+        if self.lora:
+            self.model = with_adapters(self.model, self.lora)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
     def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list[Completion]]:
         return generate_ids(self.model, self.tokenizer, prompt_ids, **sampling)
 
+    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What a weight update replaces: every parameter, or with LoRA the policy adapter's (PEFT's saved names)."""
+        return adapter_parameters(self.model, "policy") if self.lora else list(self.model.named_parameters())
+
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {n: (tuple(p.shape), p.dtype) for n, p in self.model.named_parameters()}
+        return {n: (tuple(p.shape), p.dtype) for n, p in self._named()}
 
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(self._named())
         for name, tensor in state.items():
             params[name].copy_(tensor)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
+        return {n: p.detach().cpu().clone() for n, p in self._named()}
