@@ -13,6 +13,7 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
     python -m benchmarks.scale            # up to the 0.5B shape (fp32 on CPU: bf16 matmuls are slower here)
     python -m benchmarks.scale --quick    # up to ~100M parameters, a few minutes
     python -m benchmarks.scale --selfplay-run   # a 4-step SPPO run at the 0.5B shape: peak memory per actor
+    python -m benchmarks.scale --lora 8 --rungs qwen2-0.5b   # full fine-tuning vs LoRA rank 8, side by side
 
 Writes the figures to `--out` (default docs/scale.json) and a plot to `--plot` (default docs/img/bench-scale.png),
 prints them as one JSON line and progress on stderr.
@@ -82,11 +83,12 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}"
 
 
-def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None, checkpointing: bool) -> dict:
+def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None, checkpointing: bool,
+            lora: int = 0) -> dict:
     from actors.learner import LearnerGroup
     from selfplay.config import load_config
 
-    cfg = load_config(None, [f"model.policy={policy}", f"resources.num_learners={learners}",
+    cfg = load_config(None, [f"model.policy={policy}", f"model.lora.rank={lora}", f"resources.num_learners={learners}",
                              f"train.zero_stage={zero}", f"train.batch_size={batch}",
                              f"train.micro_batch_size={micro if micro else 'null'}",
                              f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.lr=1e-5"])
@@ -104,7 +106,8 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
         with_publish = [s["peak_rss_mb"] for s in group.stats()]  # rank 0 also holds the host copies it sends
     finally:
         group.shutdown()
-    return {"learners": learners, "zero": zero, "batch": batch, "micro_batch": micro or batch // learners,
+    return {"learners": learners, "zero": zero, "lora_rank": lora, "batch": batch, "micro_batch": micro or batch // learners,
+            "trained_parameters": group.info[0]["trained_parameters"],
             "checkpointing": checkpointing, "step_seconds": round(step_s, 3), "tokens": metrics["tokens"],
             "peak_rss_mb": [round(p) for p in peaks], "peak_with_publish_mb": [round(p) for p in with_publish],
             "publish_seconds": round(publish_s, 3),
@@ -146,9 +149,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--selfplay-run", action="store_true",
                         help="only a 4-step SPPO `selfplay run` at the largest rung (--quick: ~100M), its peak "
                              "memory per actor added to --out as `selfplay_run`")
+    parser.add_argument("--lora", type=int, metavar="RANK",
+                        help="only full fine-tuning vs LoRA of this rank at --rungs (default: the largest), both "
+                             "layouts side by side: step time, peak memory, publish bytes; added to --out as `lora`")
     args = parser.parse_args(argv)
     if args.selfplay_run:
         return run_only(args)
+    if args.lora is not None:
+        if args.lora < 1:
+            parser.error(f"--lora {args.lora}: the rank must be >= 1")
+        return lora_only(args, argv, parser)
     rungs = ["tiny", "qwen2-25m", "qwen2-100m"] + ([] if args.quick else ["qwen2-0.5b"])
     memory_rung = "qwen2-25m" if args.quick else "qwen2-0.5b"
     if args.rungs:
@@ -208,6 +218,44 @@ def run_only(args) -> dict:
     out_path = Path(args.out)
     out = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale"}
     out["selfplay_run"] = run
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(run))
+    return out
+
+
+def lora_only(args, argv, parser) -> dict:
+    """Full fine-tuning and LoRA at each rung, one layout after the other in this one run (4 pairs, micro-batch 2,
+    checkpointing, as the ladder)."""
+    rungs = (args.rungs or ("qwen2-100m" if args.quick else "qwen2-0.5b")).split(",")
+    unknown = [r for r in rungs if r != "tiny" and r not in SHAPES]
+    if unknown:
+        parser.error(f"unknown rung(s) {', '.join(unknown)}; known: tiny, {', '.join(SHAPES)}")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    t0, rows = time.perf_counter(), []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in rungs:
+                policy, n = build(name, Path(tmp))
+                for learners, zero in ((1, 0), (2, 3)):
+                    for rank in (0, args.lora):
+                        row = {"model": name, "parameters": n, **measure(policy, learners, zero, 4, 2, True, rank)}
+                        print(f"[scale] {name} {learners} rank(s) ZeRO-{zero} {f'LoRA r={rank}' if rank else 'full'}: "
+                              f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB training, "
+                              f"{row['peak_with_publish_mb']} MiB with publish {row['publish_seconds']:.3f} s "
+                              f"({row['publish_mb']} MiB)", file=sys.stderr)
+                        rows.append(row)
+    finally:
+        ray.shutdown()
+    for full, lora in zip(rows[::2], rows[1::2]):
+        print(f"[scale] {full['model']} {full['learners']}×ZeRO-{full['zero']}: LoRA/full — push bytes "
+              f"{lora['publish_mb'] / full['publish_mb']:.4f}, publish time {lora['publish_seconds'] / full['publish_seconds']:.3f}, "
+              f"step time {lora['step_seconds'] / full['step_seconds']:.2f}, peak "
+              f"{max(lora['peak_rss_mb']) / max(full['peak_rss_mb']):.2f}", file=sys.stderr)
+    command = "python -m benchmarks.scale" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    run = {"command": command, "machine": machine(), "results": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    out_path = Path(args.out)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale"}
+    out["lora"] = run
     out_path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(run))
     return out

@@ -30,6 +30,9 @@ ALGORITHM = {
              "replay.sampling=least_sampled"],
     "srpo": ["srpo.k=4", "srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
+# with model.lora.rank set (and no train.lr of the user's): adapters of rank 8 on the tiny model move about as far
+# per step as the full model at 2e-4 with a 10× larger step (docs/benchmarks.md, "LoRA")
+LORA_LR = "train.lr=2e-3"
 QUICK = ["train.steps=12", "train.batch_size=16", "generation.prompts_per_request=16", "sppo.k=4",
          "eval.prompts=40", "eval.every=0", "warmup.steps=30", "logging.log_every=4"]
 
@@ -41,4 +44,7 @@ def demo_overrides(algorithm: str = "sppo", mode: str = "sync", quick: bool = Fa
 
 
 def demo_config(algorithm: str = "sppo", mode: str = "sync", quick: bool = False, extra: list[str] = ()) -> Config:
-    return load_config(None, [*demo_overrides(algorithm, mode, quick), *extra])
+    cfg = load_config(None, [*demo_overrides(algorithm, mode, quick), *extra])
+    if cfg.model.lora.rank and not any(e.strip().startswith("train.lr=") for e in extra):
+        cfg = load_config(None, [*demo_overrides(algorithm, mode, quick), LORA_LR, *extra])
+    return cfg

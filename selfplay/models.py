@@ -33,6 +33,9 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, seed: int = 0):
+    base = adapter_base(path)
+    if base is not None:  # a LoRA adapter directory: its base model's tokenizer
+        return load_tokenizer(base, trust_remote_code, seed)
     if path == TINY:
         from selfplay.tiny import build_tokenizer
 
@@ -53,6 +56,9 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     """A causal LM in eval mode. `tiny` builds the embedded model (it needs the tokenizer for its vocabulary)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    base = adapter_base(path)
+    if base is not None:
+        return _merged_adapter(path, base, dtype, trust_remote_code, tokenizer, seed)
     if path == TINY:
         from selfplay.tiny import build_model
 
@@ -79,6 +85,28 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
             + "; ".join(filter(None, [_listed("missing tensors", missing), _listed("wrongly shaped", mismatched)]))
         )
     return model.eval()
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT LoRA adapter directory (adapter_config.json, no config.json), else None."""
+    local = Path(path).expanduser()
+    if not (local / "adapter_config.json").is_file() or (local / "config.json").exists():
+        return None
+    base = _read_config_json(local / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{local}/adapter_config.json: no base_model_name_or_path (the model the adapter is for)")
+    return base
+
+
+def _merged_adapter(path: str, base: str, dtype: str, trust_remote_code: bool, tokenizer, seed: int):
+    """The base with the adapter at `path` merged in: a plain causal LM, as fast as the base."""
+    from peft import PeftModel
+
+    model = load_causal_lm(base, dtype, trust_remote_code, tokenizer, seed)
+    try:
+        return PeftModel.from_pretrained(model, path).merge_and_unload().eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: cannot apply the LoRA adapter to {base}: {_first_line(e)}") from e
 
 
 def local_model_dir(path: str, what: str = "causal LM") -> Path | None:

@@ -2,6 +2,7 @@
 checkpoints in PEFT's layout and their resume."""
 
 import copy
+import importlib.util
 import json
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from selfplay.lora import AdapterView, adapter_parameters, merge_weights, with_a
 from selfplay.tasks import SortTask
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 PROMPTS = ["Sort ascending: 3 1 2", "Sort ascending: 9 4 7 1", "Sort ascending: 5 5 0", "Sort ascending: 8 2"]
 
 
@@ -135,10 +137,11 @@ def test_a_lora_step_trains_only_the_policy_adapter_and_zero3_agrees(ray_cluster
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_after_an_adapter_push_the_hf_generator_answers_as_the_merged_model(ray_cluster, tiny_dir, tmp_path):
-    """A trained adapter pushed to an hf generator (a LoRA generator: it accepts adapters only) makes it answer
-    greedily exactly as the learner's final export, the merged model in `model/`; that export and the adapter in
-    PEFT's layout (`adapter/`) load with transformers and PEFT and agree."""
+def test_after_an_adapter_push_generators_answer_as_the_merged_model(ray_cluster, tiny_dir, tmp_path):
+    """A trained adapter pushed to an hf generator and (where installed) a vLLM one — LoRA generators accept
+    adapters only — makes them answer greedily exactly as the learner's final export, the merged model in
+    `model/`; that export and the adapter in PEFT's layout (`adapter/`) load with transformers and PEFT and agree.
+    A second push replaces the first in vLLM (a new LoRA id: no cached adapter or prefix KV of the old one)."""
     from peft import PeftModel
 
     from actors.generator import GeneratorActor
@@ -147,28 +150,39 @@ def test_after_an_adapter_push_the_hf_generator_answers_as_the_merged_model(ray_
     from selfplay.weights import WeightSyncError, pack_buckets
 
     learners = group(extra=["train.lr=0.05"], policy=str(tiny_dir))
-    cfg = load_config(None, ["generation.max_new_tokens=12", *LORA])
-    gen = GeneratorActor.options(num_cpus=0.25).remote(cfg.to_dict(), str(tiny_dir), 0)
+    gens = {backend: GeneratorActor.options(num_cpus=0.25).remote(load_config(None, [
+        f"generation.backend={backend}", "generation.max_new_tokens=12", *LORA]).to_dict(), str(tiny_dir), i)
+        for i, backend in enumerate(["hf", "vllm"] if HAVE_VLLM else ["hf"])}
+    prompts = SortTask().prompts("eval", 6, seed=0)
+
+    def served(gen):
+        return [r["samples"][0]["token_ids"] for r in ray.get(gen.sample.remote(prompts, k=1, temperature=0.0))]
+
     try:
-        for step in range(3):
-            learners.train_step(rows(8, offset=step))
-        p = learners.publish()
-        assert ray.get(gen.load_weights.remote(p["version"], p["buckets"], p["manifest"], p["checksums"])) == 1
+        for version in (1, 2):
+            for step in range(3):
+                learners.train_step(rows(8, offset=step))
+            p = learners.publish()
+            for gen in gens.values():
+                assert ray.get(gen.load_weights.remote(p["version"], p["buckets"], p["manifest"], p["checksums"])) \
+                    == version
+            if version == 1:
+                first = {b: served(g) for b, g in gens.items()}
         learners.save_checkpoint(tmp_path / "ckpt", merged=True)
         full = pack_buckets({n: t for n, t in load_causal_lm(str(tiny_dir)).state_dict().items()})
         with pytest.raises(WeightSyncError, match="manifest does not match"):  # a full model is refused
-            ray.get(gen.load_weights.remote(2, full.buckets, full.manifest, full.checksums))
+            ray.get(gens["hf"].load_weights.remote(3, full.buckets, full.manifest, full.checksums))
+        answers = {b: served(g) for b, g in gens.items()}
     finally:
         learners.shutdown()
-    prompts = SortTask().prompts("eval", 6, seed=0)
-    served = [r["samples"][0]["token_ids"] for r in ray.get(gen.sample.remote(prompts, k=1, temperature=0.0))]
-    ray.kill(gen)
+        for gen in gens.values():
+            ray.kill(gen)
     tok = load_tokenizer(str(tiny_dir))
     ids = [tok(tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"] for q in prompts]
     merged = load_causal_lm(str(tmp_path / "ckpt" / "model"))
     want = [list(c[0].token_ids) for c in generate_ids(merged, tok, ids, max_new_tokens=12, temperature=0.0)]
-    assert served == want
+    assert all(a == want for a in answers.values()) and all(first[b] != want for b in first), answers
     base = load_causal_lm(str(tiny_dir))
     assert want != [list(c[0].token_ids) for c in generate_ids(base, tok, ids, max_new_tokens=12, temperature=0.0)]
     peft = PeftModel.from_pretrained(load_causal_lm(str(tiny_dir)), str(tmp_path / "ckpt" / "adapter"))

