@@ -14,6 +14,7 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
     python -m benchmarks.scale --quick    # up to ~100M parameters, a few minutes
     python -m benchmarks.scale --selfplay-run   # a 4-step SPPO run at the 0.5B shape: peak memory per actor
     python -m benchmarks.scale --lora 8 --rungs qwen2-0.5b   # full fine-tuning vs LoRA rank 8, side by side
+    python -m benchmarks.scale --selfplay-run --lora 8         # the 4-step run with LoRA adapters
 
 Writes the figures to `--out` (default docs/scale.json) and a plot to `--plot` (default docs/img/bench-scale.png),
 prints them as one JSON line and progress on stderr.
@@ -114,10 +115,11 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
             "publish_mb": round(published["nbytes"] / 2**20, 1)}
 
 
-def selfplay_run(name: str, directory: Path) -> dict:
+def selfplay_run(name: str, directory: Path, lora: int = 0) -> dict:
     """`selfplay run` at rung `name`: SPPO, 2 ZeRO-3 learners (micro-batch 1, checkpointing, 256-token responses),
     1 hf generator, a random PairRM judge (a random policy's text ties under the sort task's rule judge), 4 steps
-    with a weight push after each; each actor's resident peak from summary.json."""
+    with a weight push after each, full fine-tuning or LoRA of rank `lora`; each actor's resident peak from
+    summary.json."""
     from actors.driver import Driver
     from selfplay.config import load_config
     from selfplay.judges.pairrm import save_random_pairrm
@@ -129,10 +131,11 @@ def selfplay_run(name: str, directory: Path) -> dict:
         f"model.policy={policy}", "judge.kind=pairrm", f"judge.path={judge}", "resources.num_learners=2",
         "train.zero_stage=3", "train.batch_size=2", "train.micro_batch_size=1", "train.gradient_checkpointing=true",
         "train.max_response_tokens=256", "generation.max_new_tokens=256", "generation.prompts_per_request=2",
-        "sppo.k=2", "train.steps=4", "train.lr=1e-6", "eval.prompts=4", "eval.every=0", "logging.log_every=1"])
+        "sppo.k=2", "train.steps=4", "train.lr=1e-6", "eval.prompts=4", "eval.every=0", "logging.log_every=1",
+        f"model.lora.rank={lora}"])
     t0 = time.perf_counter()
     result = Driver(cfg, directory / "run", log=lambda line: print(line, file=sys.stderr)).run()
-    return {"model": name, "parameters": n, "learner_steps": result["learner_steps"],
+    return {"model": name, "parameters": n, "lora_rank": lora, "learner_steps": result["learner_steps"],
             "weight_syncs": result["weight_syncs"], "rows_lost": result["rows_lost"],
             "peak_rss_mb": result["peak_rss_mb"], "loop_seconds": result["loop_seconds"],
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -151,13 +154,14 @@ def main(argv=None) -> dict:
                              "memory per actor added to --out as `selfplay_run`")
     parser.add_argument("--lora", type=int, metavar="RANK",
                         help="only full fine-tuning vs LoRA of this rank at --rungs (default: the largest), both "
-                             "layouts side by side: step time, peak memory, publish bytes; added to --out as `lora`")
+                             "layouts side by side: step time, peak memory, publish bytes; added to --out as `lora`. "
+                             "With --selfplay-run: that run with LoRA (`selfplay_run_lora`)")
     args = parser.parse_args(argv)
+    if args.lora is not None and args.lora < 1:
+        parser.error(f"--lora {args.lora}: the rank must be >= 1")
     if args.selfplay_run:
         return run_only(args)
     if args.lora is not None:
-        if args.lora < 1:
-            parser.error(f"--lora {args.lora}: the rank must be >= 1")
         return lora_only(args, argv, parser)
     rungs = ["tiny", "qwen2-25m", "qwen2-100m"] + ([] if args.quick else ["qwen2-0.5b"])
     memory_rung = "qwen2-25m" if args.quick else "qwen2-0.5b"
@@ -210,14 +214,15 @@ def run_only(args) -> dict:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run = selfplay_run("qwen2-100m" if args.quick else "qwen2-0.5b", Path(tmp))
+            run = selfplay_run("qwen2-100m" if args.quick else "qwen2-0.5b", Path(tmp), args.lora or 0)
     finally:
         ray.shutdown()
-    run["command"] = "python -m benchmarks.scale --selfplay-run" + (" --quick" if args.quick else "")
+    run["command"] = "python -m benchmarks.scale --selfplay-run" + (" --quick" if args.quick else "") \
+        + (f" --lora {args.lora}" if args.lora else "")
     run["machine"] = machine()
     out_path = Path(args.out)
     out = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale"}
-    out["selfplay_run"] = run
+    out["selfplay_run_lora" if args.lora else "selfplay_run"] = run
     out_path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(run))
     return out

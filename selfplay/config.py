@@ -465,6 +465,8 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(lora.target_modules is None or (isinstance(lora.target_modules, list) and bool(lora.target_modules)
                                           and all(isinstance(m, str) and m for m in lora.target_modules)),
           "model.lora.target_modules", "must be a non-empty list of module names, or null (every linear layer)")
+    check(not lora.rank or cfg.generation.backend != "vllm" or lora.rank <= 512, "model.lora.rank",
+          "must be <= 512 with generation.backend vllm (vLLM's largest LoRA rank)")
     check(not lora.rank or cfg.model.reference is None, "model.reference",
           "cannot be combined with model.lora: the reference is the base model with the adapters off")
     check(cfg.task.min_items >= 1, "task.min_items", "must be >= 1")
