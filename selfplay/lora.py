@@ -45,10 +45,11 @@ def with_adapters(model: torch.nn.Module, lora_cfg, frozen: tuple[str, ...] = ()
     frozen adapter starting as a copy of it. Only the policy adapter requires grad; the base is frozen."""
     from peft import get_peft_model
 
-    config = peft_config(lora_cfg)
-    peft_model = get_peft_model(model, config)
+    # adapters in the model's dtype (PEFT would make them float32 on a bf16 model): learner and generators then
+    # agree on what a push carries whatever the dtype, and a bf16 push is half the bytes
+    peft_model = get_peft_model(model, peft_config(lora_cfg), autocast_adapter_dtype=False)
     for which in frozen:
-        peft_model.add_adapter(ADAPTERS[which], peft_config(lora_cfg))
+        peft_model.add_adapter(ADAPTERS[which], peft_config(lora_cfg), autocast_adapter_dtype=False)
         copy_adapter(peft_model, "policy", which)
     peft_model.set_adapter(ADAPTERS["policy"])  # active and trainable; every other adapter frozen
     return peft_model

@@ -60,6 +60,13 @@ def test_the_reference_adapter_gives_the_base_models_log_probs_exactly(tiny):
     assert trainable and all(".lora_" in n and ".default." in n for n in trainable)
 
 
+def test_adapters_take_the_models_dtype(tiny):
+    """A bf16 model gets bf16 adapters (PEFT's default would be float32): learner and generator agree on what a
+    push carries."""
+    model = with_adapters(copy.deepcopy(tiny[0]).to(torch.bfloat16), lora_cfg(), frozen=("reference",))
+    assert {p.dtype for n, p in model.named_parameters()} == {torch.bfloat16}
+
+
 def test_merged_weights_equal_peft_merge(tiny):
     """W + (α/r)·B·A per layer (the final model's export) equals PEFT's own merge_and_unload."""
     model = with_adapters(copy.deepcopy(tiny[0]), lora_cfg(targets=["q_proj", "down_proj"]))
@@ -189,6 +196,10 @@ def test_after_an_adapter_push_generators_answer_as_the_merged_model(ray_cluster
     assert want == [list(c[0].token_ids) for c in generate_ids(peft, tok, ids, max_new_tokens=12, temperature=0.0)]
     config = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_dir)
+    # `selfplay eval --policy-a DIR` with an adapter directory: its base (from adapter_config.json), merged
+    adapter = str(tmp_path / "ckpt" / "adapter")
+    as_policy = load_causal_lm(adapter, tokenizer=load_tokenizer(adapter))
+    assert want == [list(c[0].token_ids) for c in generate_ids(as_policy, tok, ids, max_new_tokens=12, temperature=0.0)]
 
 
 @pytest.mark.ray
