@@ -301,10 +301,9 @@ class LearnerActor:
         start = time.perf_counter()
         reference = dict(self._named("reference"))
         with torch.no_grad():
-            if self.partitioned:  # partition to partition: identical layouts, nothing gathered
-                for name, p in self._named(source):
-                    for ref, src in _stored(reference[name], p):
-                        ref.copy_(src)
+            if self.partitioned:  # partition to partition: identical layouts
+                for ref, src in self._partition_pairs("reference", source):
+                    ref.copy_(src)
             else:
                 for name, p in self._each_parameter(source):
                     reference[name].copy_(p.detach())
@@ -312,12 +311,11 @@ class LearnerActor:
 
     def _update_ema(self) -> None:
         """θ_ema ← α θ_ema + (1 − α) θ where θ_ema lives: under ZeRO-3 each rank updates its partition."""
-        ema = dict(self._named("ema"))
         if self.partitioned:
-            for name, p in self._named("policy"):
-                for e, src in _stored(ema[name], p):
-                    ema_update([e], [src], self.recipe.ema.alpha)
+            for e, src in self._partition_pairs("ema", "policy"):
+                ema_update([e], [src], self.recipe.ema.alpha)
         else:
+            ema = dict(self._named("ema"))
             for name, p in self._each_parameter("policy"):
                 ema_update([ema[name]], [p], self.recipe.ema.alpha)
 
@@ -347,6 +345,19 @@ class LearnerActor:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    def _partition_pairs(self, target: str, source: str):
+        """ZeRO-3: (tensor of `target`, the same of `source`) to update in place on this rank — each parameter's
+        partition, and for a parameter under `stage3_param_persistence_threshold` (norms, LoRA factors), which
+        every rank also keeps whole and computes with, that whole copy too (a gather does not refresh it), from the
+        source gathered if it is not whole itself. Every rank must iterate (a gather is a collective)."""
+        targets = dict(self._named(target))
+        for name, p in self._named(source):
+            t = targets[name]
+            yield t.ds_tensor, p.ds_tensor
+            if t.data.numel() == t.ds_numel:  # whole on this rank (persistent)
+                with self._gathered([p]):
+                    yield t.data, p.data
 
     def _each_parameter(self, which: str, modifier_rank: int | None = None):
         """(name, full parameter) of the policy, EMA or reference, one at a time. Under ZeRO-3 each parameter is
@@ -522,16 +533,6 @@ def _save_model_files(model, tokenizer, directory: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def _stored(target: torch.nn.Parameter, source: torch.nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """ZeRO-3: the tensors that hold a parameter on this rank, paired with the source's. Its partition; and a
-    parameter under `stage3_param_persistence_threshold` (norms, LoRA factors) is also kept whole on every rank
-    and computed with from that copy, which a gather does not refresh: both must change."""
-    pairs = [(target.ds_tensor, source.ds_tensor)]
-    if getattr(target, "ds_persist", False):
-        pairs.append((target.data, source.data))
-    return pairs
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -208,15 +208,28 @@ def test_after_an_adapter_push_generators_answer_as_the_merged_model(ray_cluster
 def test_resuming_a_lora_checkpoint_ends_on_the_adapters_of_an_uninterrupted_run(ray_cluster, tiny, tmp_path, algorithm,
                                                                                   zero):
     """Four AdamW steps straight vs two, an adapter-only checkpoint (no merged model, no frozen base in DeepSpeed's
-    files), a fresh group that loads it and two more: the same policy, reference and EMA adapters, bit for bit."""
-    extra = ["train.lr=0.01", "sapo.ema_every=1"]
+    files), a fresh group that loads it and two more: the same policy, reference and EMA adapters, bit for bit.
+    Under ZeRO-3 the persistence threshold splits the adapters into some kept whole on every rank and some
+    partitioned only; the EMA (θ_ema = ½ θ_0 + ½ θ_1 after one step) and the reference refresh hold for both."""
+    extra = ["train.lr=0.01", "sapo.ema_every=1", "sapo.ema_alpha=0.5",
+             "model.lora.target_modules=[q_proj,gate_proj]"]  # lora_A of 512 elements everywhere, gate's lora_B 1,536
+    if zero == 3:
+        extra.append("train.deepspeed.zero_optimization.stage3_param_persistence_threshold=1000")
     n = 2 if zero == 3 else 1
     straight = group(n, zero, algorithm, extra)
     try:
+        theta0 = straight.full_state()
         for step in range(4):
             if step == 2:
-                straight.refresh_reference("policy" if algorithm == "sppo" else "ema")
+                source = "policy" if algorithm == "sppo" else "ema"
+                straight.refresh_reference(source)
+                assert all(torch.equal(a, b) for a, b in zip(straight.full_state("reference").values(),
+                                                             straight.full_state(source).values()))
             straight.train_step(rows(8, offset=step))
+            if step == 0 and algorithm == "sapo":
+                theta1, ema = straight.full_state(), straight.full_state("ema")
+                for k in theta0:
+                    torch.testing.assert_close(ema[k], 0.5 * theta0[k] + 0.5 * theta1[k], rtol=1e-6, atol=1e-7)
         kept = ["policy", "reference"] + (["ema"] if algorithm == "sapo" else [])
         want = {w: straight.full_state(w) for w in kept}
     finally:
