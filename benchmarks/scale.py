@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora", type=int, metavar="RANK",
                         help="only full fine-tuning vs LoRA of this rank at --rungs (default: the largest), both "
                              "layouts side by side: step time, peak memory, publish bytes; added to --out as `lora`. "
-                             "With --selfplay-run: that run with LoRA (`selfplay_run_lora`)")
+                             "(--quick: 1 × ZeRO-0 only). With --selfplay-run: that run with LoRA (`selfplay_run_lora`)")
     args = parser.parse_args(argv)
     if args.lora is not None and args.lora < 1:
         parser.error(f"--lora {args.lora}: the rank must be >= 1")
@@ -230,7 +230,7 @@ def run_only(args) -> dict:
 
 def lora_only(args, argv, parser) -> dict:
     """Full fine-tuning and LoRA at each rung, one layout after the other in this one run (4 pairs, micro-batch 2,
-    checkpointing, as the ladder)."""
+    checkpointing, as the ladder); --quick: 1 × ZeRO-0 only."""
     rungs = (args.rungs or ("qwen2-100m" if args.quick else "qwen2-0.5b")).split(",")
     unknown = [r for r in rungs if r != "tiny" and r not in SHAPES]
     if unknown:
@@ -241,7 +241,7 @@ def lora_only(args, argv, parser) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for name in rungs:
                 policy, n = build(name, Path(tmp))
-                for learners, zero in ((1, 0), (2, 3)):
+                for learners, zero in ((1, 0),) if args.quick else ((1, 0), (2, 3)):
                     for rank in (0, args.lora):
                         row = {"model": name, "parameters": n, **measure(policy, learners, zero, 4, 2, True, rank)}
                         print(f"[scale] {name} {learners} rank(s) ZeRO-{zero} {f'LoRA r={rank}' if rank else 'full'}: "

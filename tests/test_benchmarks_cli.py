@@ -40,17 +40,17 @@ def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
 
 
 def test_scale_lora_measures_full_fine_tuning_and_lora_side_by_side(tmp_path):
-    """`benchmarks.scale --lora R`: each layout trained both ways in one run; LoRA trains and pushes a fraction of
-    the model, and the result is added to the JSON without replacing the ladder already there."""
+    """`benchmarks.scale --lora R` (--quick: one layout): trained both ways in one run; LoRA trains and pushes a
+    fraction of the model, and the result is added to the JSON without replacing the ladder already there."""
     out = tmp_path / "scale.json"
     out.write_text(json.dumps({"benchmark": "scale", "results": ["the ladder"]}))
-    run = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--lora", "4", "--rungs", "tiny", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--lora", "4", "--quick", "--rungs", "tiny",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["results"] == ["the ladder"]
     rows = data["lora"]["results"]
-    assert [(r["learners"], r["zero"], r["lora_rank"]) for r in rows] == [(1, 0, 0), (1, 0, 4), (2, 3, 0), (2, 3, 4)]
+    assert [(r["learners"], r["zero"], r["lora_rank"]) for r in rows] == [(1, 0, 0), (1, 0, 4)]  # --quick: ZeRO-0
     for full, lora in zip(rows[::2], rows[1::2]):
         assert lora["trained_parameters"] < full["trained_parameters"] / 5 == full["parameters"] / 5
         assert 0 < lora["publish_mb"] < full["publish_mb"] / 5

@@ -109,17 +109,17 @@ def test_a_lora_run_resumes_to_the_adapter_of_an_uninterrupted_run(ray_cluster, 
 
     from actors.driver import Driver
 
-    cfg, out, summary = run(tmp_path, "sppo", "sync", "model.lora.rank=4", "train.steps=6", "train.checkpoint_every=2",
+    cfg, out, summary = run(tmp_path, "sppo", "sync", "model.lora.rank=4", "train.steps=4", "train.checkpoint_every=2",
                             f"model.policy={warm_policy_dir}", "eval.prompts=10")
-    assert summary["learner_steps"] == 6 and summary["evals"][-1]["n"] == 10
-    final = out / "checkpoints" / "step_6"
+    assert summary["learner_steps"] == 4 and summary["evals"][-1]["n"] == 10
+    final = out / "checkpoints" / "step_4"
     assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "model" / "model.safetensors").exists()
     assert not (out / "checkpoints" / "step_2" / "model").exists()
     again = tmp_path / "resumed"
-    shutil.copytree(out, again, ignore=shutil.ignore_patterns("step_4", "step_6", "summary.json", "wandb"))
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("step_4", "summary.json", "wandb"))
     resumed = Driver(cfg, again, log=print).run(resume=True)
-    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 6 and resumed["rows_lost"] == 0
-    want, got = (load_file(str(d / "checkpoints" / "step_6" / "adapter" / "adapter_model.safetensors"))
+    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 4 and resumed["rows_lost"] == 0
+    want, got = (load_file(str(d / "checkpoints" / "step_4" / "adapter" / "adapter_model.safetensors"))
                  for d in (out, again))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
