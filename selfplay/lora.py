@@ -17,7 +17,6 @@ Adapters travel, and are saved, under PEFT's saved names (`…q_proj.lora_A.weig
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -130,14 +129,6 @@ def write_adapter_config(model: torch.nn.Module, base_model: str, directory: Pat
     config.save_pretrained(str(directory))
 
 
-def read_adapter_config(directory: Path) -> dict:
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)") from None
-
-
 def merge_weights(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """W + (α / r) · B A, computed in float32 and returned in W's dtype: the merged weight of one layer."""
     delta = lora_b.float() @ lora_a.float()
@@ -152,13 +143,14 @@ def check_adapter_checkpoint(path: Path, model: torch.nn.Module, specs: dict[str
     from safetensors import safe_open
 
     from selfplay.errors import ModelLoadError
+    from selfplay.models import _read_config_json
 
     path = Path(path)
     if not (path / "adapter" / ADAPTER_CONFIG).exists():
         raise ModelLoadError(f"{path}: not a LoRA checkpoint (no adapter/{ADAPTER_CONFIG}), but model.lora.rank is "
                              "set; a full fine-tuning run resumes with model.lora.rank: 0")
     problems = []
-    found, wanted = read_adapter_config(path / "adapter"), model.peft_config[ADAPTERS["policy"]]
+    found, wanted = _read_config_json(path / "adapter" / ADAPTER_CONFIG), model.peft_config[ADAPTERS["policy"]]
     for key, mine in (("r", wanted.r), ("lora_alpha", wanted.lora_alpha), ("target_modules", wanted.target_modules)):
         theirs = found.get(key)
         if isinstance(mine, (set, list)) and isinstance(theirs, list):
