@@ -32,12 +32,14 @@ from actors.generator import GeneratorActor
 from actors.inflight import InFlight
 from actors.judge import JudgeActor
 from actors.learner import LearnerGroup
+from actors.placement import Placement, cluster_nodes
 from actors.metrics import Counters, RunMetrics, plot, summary, utilization
 from actors.remote import ActorDiedError, get_all, recover
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config, check_resources
 from selfplay.evaluate import evaluate_run
+from selfplay.placement import check_placement, tensor_parallel
 from selfplay.preflight import latest_checkpoint, run_prompts
 from selfplay.recipes import make_recipe
 from selfplay.tasks import Prompt
@@ -74,6 +76,7 @@ class Driver:
         self.judges: list = []
         self.replay: ReplayBuffer | None = None
         self.learners: LearnerGroup | None = None
+        self.placement: Placement | None = None
         self.sync: WeightSync | None = None
         self.inflight: InFlight | None = None
         self.metrics: RunMetrics | None = None
@@ -96,18 +99,24 @@ class Driver:
     def _build(self, policy: str) -> None:
         cfg, r = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, policy=policy)), \
             self.cfg.resources
+        # every role's placement group is ready before any actor starts (a layout that cannot be placed fails here)
+        self.placement = Placement(cfg, log=self.log)
         # generators, judges and replay shards are restarted by Ray when they die and recovered by `_recover`;
-        # learners are not (a step needs every rank): a learner failure resumes the run from a checkpoint
+        # learners are not (a step needs every rank): a learner failure resumes the run from a checkpoint.
+        # A tensor-parallel generator's own bundle has no GPU: its vLLM workers take the group's GPU bundles
+        generator_gpus = r.generator_gpus if tensor_parallel(cfg) == 1 else 0
         self.generators = [
-            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus, max_restarts=r.max_restarts)
+            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=generator_gpus, max_restarts=r.max_restarts,
+                                   scheduling_strategy=self.placement.strategy(f"generator {i}", children=True))
             .remote(cfg.to_dict(), policy, i) for i in range(r.num_generators)
         ]
         self.judges = [
-            JudgeActor.options(num_cpus=r.judge_cpus, num_gpus=r.judge_gpus, max_restarts=r.max_restarts)
-            .remote(cfg.judge, cfg.task, cfg.algorithm) for _ in range(r.num_judges)
+            JudgeActor.options(num_cpus=r.judge_cpus, num_gpus=r.judge_gpus, max_restarts=r.max_restarts,
+                               scheduling_strategy=self.placement.strategy("judge", i))
+            .remote(cfg.judge, cfg.task, cfg.algorithm) for i in range(r.num_judges)
         ]
-        self.replay = ReplayBuffer.from_config(cfg)
-        self.learners = LearnerGroup(cfg)
+        self.replay = ReplayBuffer.from_config(cfg, placement=self.placement)
+        self.learners = LearnerGroup(cfg, placement=self.placement)
         self.inflight = InFlight(cfg, self.recipe, self.generators, self.judges, self.replay, self.counters,
                                  self._recover, self.train_prompts)
         if self.resume_state is not None:
@@ -138,8 +147,10 @@ class Driver:
         A learner failure resumes from the newest checkpoint up to `train.max_resumes` times."""
         cfg, start = self.cfg, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        # an impossible layout (more GPUs than the cluster has) fails here, naming the fields, not as a hang
-        check_resources(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+        # an impossible layout (more GPUs than the cluster has, a role no node can hold) fails here, naming the
+        # fields, before the warm-up and before any actor
+        check_resources(cfg, ray.cluster_resources())
+        check_placement(cfg, cluster_nodes())
         self.train_prompts, self.eval_prompts, self.task = self._prompts()
         if resume:
             self.resume_state = checkpoint.load(self.out, latest_checkpoint(self.out))
@@ -404,3 +415,5 @@ class Driver:
             self.replay.restarts = 0
         if self.learners is not None:
             self.learners.shutdown()
+        if self.placement is not None:
+            self.placement.remove()

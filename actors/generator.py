@@ -27,6 +27,7 @@ from selfplay.config import Config
 from selfplay.generation import revise
 from selfplay.segments import sample_cut_points, splice_segment
 from selfplay.tasks import Prompt, chat_prompt, make_prompt_id
+from selfplay.placement import tensor_parallel
 from selfplay.weights import WeightSyncError, unpack_buckets
 
 BUCKET_FETCH_TIMEOUT_S = 600.0  # one published bucket, from the object store
@@ -51,6 +52,7 @@ class GeneratorActor:
             cfg.generation.backend, policy, tokenizer=self.tokenizer, dtype=cfg.model.dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
             gpu_memory_utilization=cfg.generation.gpu_memory_utilization, lora=cfg.model.lora,
+            tensor_parallel_size=tensor_parallel(cfg),
         )
         self.policy_version = 0
         self.awaiting_restore = restarted()  # a restart serves nothing until the driver brings the current weights

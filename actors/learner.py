@@ -27,6 +27,7 @@ import ray
 import torch
 
 from actors.faults import HoldPoints
+from actors.placement import Placement
 from actors.remote import get_all, peak_rss_mb
 from selfplay.config import Config
 from selfplay.ema import ema_update
@@ -577,17 +578,21 @@ class LearnerGroup:
     """
 
     def __init__(self, cfg: Config, policy: str | None = None, *, timeout_s: float = 600.0, num_cpus: float | None = None,
-                 num_gpus: float | None = None):
-        self.cfg, self.world_size, self.timeout_s = cfg, cfg.resources.num_learners, timeout_s
-        options = {"num_cpus": cfg.resources.learner_cpus if num_cpus is None else num_cpus,
-                   "num_gpus": cfg.resources.learner_gpus if num_gpus is None else num_gpus}
+                 num_gpus: float | None = None, placement: Placement | None = None):
+        """`placement`: the run's groups (the driver's); without it the group places its ranks itself."""
+        r = cfg.resources
+        r = dataclasses.replace(r, learner_cpus=r.learner_cpus if num_cpus is None else num_cpus,
+                                learner_gpus=r.learner_gpus if num_gpus is None else num_gpus)
+        self.cfg, self.world_size, self.timeout_s = dataclasses.replace(cfg, resources=r), r.num_learners, timeout_s
+        self.own_placement = placement is None
+        self.placement = Placement(self.cfg, roles=("learner",)) if placement is None else placement
         policy = policy or cfg.model.policy
-        self.placement = self._place(options)
         self.actors = [
-            LearnerActor.options(**options, scheduling_strategy=self._bundle(r),
-                                 runtime_env=None if options["num_gpus"] else CPU_LEARNER_ENV).remote(
-                cfg.to_dict(), r, self.world_size, policy)
-            for r in range(self.world_size)
+            LearnerActor.options(num_cpus=r.learner_cpus, num_gpus=r.learner_gpus,
+                                 scheduling_strategy=self.placement.strategy("learner", rank),
+                                 runtime_env=None if r.learner_gpus else CPU_LEARNER_ENV).remote(
+                cfg.to_dict(), rank, self.world_size, policy)
+            for rank in range(self.world_size)
         ]
         addr, port = self._get([self.actors[0].address.remote()], "address")[0]
         self.info = self._get([a.setup.remote(addr, port) for a in self.actors], "setup")
@@ -595,25 +600,6 @@ class LearnerGroup:
     def train_step(self, rows: pa.Table) -> dict[str, float]:
         """Split rows evenly over the ranks (train.batch_size rows in all) and take one step."""
         return self.finish_step(self.train_step_async(rows))
-
-    def _place(self, options: dict[str, float]):
-        """One placement group for all ranks, packed onto as few nodes as possible (NCCL is fastest within a
-        node). It must be placeable within the timeout, or the error says what was asked for."""
-        from ray.util.placement_group import placement_group
-
-        bundle = {"CPU": options["num_cpus"], **({"GPU": options["num_gpus"]} if options["num_gpus"] else {})}
-        group = placement_group([bundle] * self.world_size, strategy="PACK")
-        ready, _ = ray.wait([group.ready()], timeout=self.timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(group)
-            raise TimeoutError(f"cannot place {self.world_size} learner(s) with {bundle} each within "
-                               f"{self.timeout_s:.0f}s; the cluster has {ray.cluster_resources()}")
-        return group
-
-    def _bundle(self, rank: int):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        return PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=rank)
 
     def train_step_async(self, rows: pa.Table) -> list:
         """Start a step and return at once (the refs); `finish_step` collects the metrics."""
@@ -653,9 +639,8 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-        if self.placement is not None:
-            ray.util.remove_placement_group(self.placement)
-            self.placement = None
+        if self.own_placement:
+            self.placement.remove()
 
     def _get(self, refs: list, what: str) -> list:
         results = get_all(dict(enumerate(refs)), self.timeout_s, what, "learner rank")

@@ -105,7 +105,9 @@ class ReplayBuffer:
         num_cpus: float = 0.5,
         timeout_s: float = 120.0,
         max_restarts: int = 0,
+        placement=None,
     ):
+        """`placement`: the run's `actors.placement.Placement`; shard i runs in bundle i of its replay group."""
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if capacity < num_shards:
@@ -123,7 +125,8 @@ class ReplayBuffer:
         self._since_snapshot: dict[int, list[pa.Table]] = {i: [] for i in range(num_shards)}
         self._trimmed = dict.fromkeys(range(num_shards), 0)
         self.shards = [
-            ReplayShardActor.options(num_cpus=num_cpus, max_restarts=max_restarts).remote(
+            ReplayShardActor.options(num_cpus=num_cpus, max_restarts=max_restarts,
+                                     scheduling_strategy=placement and placement.strategy("replay", i)).remote(
                 self.per_shard[i], seed + i, i, max_reuse)
             for i in range(num_shards)
         ]

@@ -160,6 +160,9 @@ class ReplayConfig:
     max_reuse: int | None = None  # a row leaves the buffer once sampled this many times; None: no limit
 
 
+Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]  # Ray placement-group strategies
+
+
 @dataclass
 class ResourcesConfig:
     num_generators: int = 1
@@ -174,6 +177,19 @@ class ResourcesConfig:
     judge_cpus: float = 1.0
     replay_cpus: float = 0.5
     max_restarts: int = 3  # per generator, judge and replay shard: restarts by Ray before its death fails the run
+    # placement (selfplay.placement): Ray's group strategies, plus custom resources and node labels per role
+    learner_strategy: Strategy = "STRICT_PACK"  # every rank on one node; PACK/SPREAD let them cross nodes (warned)
+    judge_strategy: Strategy = "PACK"
+    replay_strategy: Strategy = "PACK"
+    generator_resources: dict[str, float] = field(default_factory=dict)  # e.g. {generator_node: 1}
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    judge_resources: dict[str, float] = field(default_factory=dict)
+    replay_resources: dict[str, float] = field(default_factory=dict)
+    generator_labels: dict[str, str] = field(default_factory=dict)  # e.g. {ray.io/accelerator-type: H100}
+    learner_labels: dict[str, str] = field(default_factory=dict)
+    judge_labels: dict[str, str] = field(default_factory=dict)
+    replay_labels: dict[str, str] = field(default_factory=dict)
+    placement_timeout_s: float = 300.0  # a layout the nodes fit waits this long for resources other work holds
 
 
 @dataclass
@@ -445,6 +461,16 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
             gpus = _get(cfg, f"resources.{role}_gpus")
             check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()), f"resources.{role}_gpus",
                   "must be >= 0, and a whole number when above 1")
+        if isinstance(_get(cfg, f"resources.{role}_resources"), dict):
+            check(all(isinstance(k, str) and _number(v) and v >= 0
+                      for k, v in _get(cfg, f"resources.{role}_resources").items()),
+                  f"resources.{role}_resources", "must map Ray resource names to amounts >= 0")
+        if isinstance(_get(cfg, f"resources.{role}_labels"), dict):
+            check(all(isinstance(k, str) and isinstance(v, str) for k, v in _get(cfg, f"resources.{role}_labels").items()),
+                  f"resources.{role}_labels", "must map Ray node label names to string values (quote numbers)")
+    check(cfg.resources.generator_gpus <= 1 or cfg.generation.backend == "vllm", "resources.generator_gpus",
+          "above 1 means a tensor-parallel engine, which needs generation.backend vllm")
+    check(cfg.resources.placement_timeout_s > 0, "resources.placement_timeout_s", "must be > 0")
 
     check(cfg.task.name in TASKS or cfg.task.name == "file", "task.name",
           f"unknown task (known: {', '.join(sorted(TASKS))}, file)")
@@ -563,6 +589,10 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
@@ -593,16 +623,13 @@ def resource_demand(cfg: Config) -> dict[str, list[tuple[str, float, int]]]:
     return demand
 
 
-def check_resources(cfg: Config, available: dict[str, float],
-                    nodes: list[dict[str, float]] | None = None) -> None:
-    """Raise ConfigError (a ValueError) when the configured actors cannot all be placed on the cluster.
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Raise ConfigError (a ValueError) when the configured actors ask for more than the cluster has in all.
 
     `available` is `ray.cluster_resources()` ({"CPU": 16.0, "GPU": 8.0, ...}; a missing key means 0). Pure:
-    no Ray call, so the driver can run it before it starts any actor. Checks, naming the fields:
-      - the sum over roles of per-actor × count (resources.<role>_gpus × resources.num_<role>s, …) for GPUs and
-        CPUs against the cluster total;
-      - with `nodes` (the "Resources" of each alive entry of `ray.nodes()`), that every single actor fits on at
-        least one node (an actor cannot span nodes: 4 GPUs per generator need a node with 4 GPUs).
+    no Ray call, so it runs before Ray starts. It sums per-actor × count over the roles (resources.<role>_gpus ×
+    resources.num_<role>s, ...) for GPUs and CPUs; whether each role fits on the nodes is
+    `selfplay.placement.check_placement`'s.
     """
     problems: list[str] = []
     demand = resource_demand(cfg)
@@ -613,13 +640,6 @@ def check_resources(cfg: Config, available: dict[str, float],
         if need > have + 1e-6:
             parts = " + ".join(f"{key} × {_count_key(key)} ({per:g} × {n} = {per * n:g})" for key, per, n in terms)
             problems.append(f"{parts} = {need:g} {unit}, but the cluster has {have:g} {unit}")
-    if nodes:
-        for kind, per_actor in demand.items():
-            biggest = max((float(node.get(kind, 0.0) or 0.0) for node in nodes), default=0.0)
-            for key, per, n in per_actor:
-                if n and per > biggest + 1e-6:
-                    problems.append(f"{key} = {per:g}: no node has that many {kind}s for one actor "
-                                    f"(the largest node has {biggest:g})")
     fix = "lower the resources.* counts or per-actor amounts (or --set them), or add nodes"
     if len(problems) == 1:
         raise ConfigError(f"the configured actors do not fit on this Ray cluster: {problems[0]}; {fix}")

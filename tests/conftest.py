@@ -40,17 +40,39 @@ def tiny_dir(tmp_path_factory, tiny):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole test session (started lazily by the first test that needs it).
+def ray_nodes():
+    """One local Ray cluster for the whole test session (started lazily by the first test that needs it), as a
+    `ray.cluster_utils.Cluster`: tests/test_multinode.py adds worker nodes to it and removes them again.
 
-    Logical CPUs exceed the 2 physical cores on purpose: actors in tests mostly wait, and the resource
-    accounting, not the hardware, decides whether they can be placed.
+    Its head has a dashboard on a free port (Ray jobs are submitted there, the state API reads it). Logical CPUs
+    exceed the 2 physical cores on purpose: actors in tests mostly wait, and the resource accounting, not the
+    hardware, decides whether they can be placed. A dead node is noticed within ~3 s, not Ray's default ~30 s.
     """
+    import socket
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 token auth: off on both sides for this local cluster
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 8, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(address=cluster.address, namespace="selfplay-tests", log_to_driver=True)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_nodes):
+    """The `ray` module, connected to the session's cluster."""
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="selfplay-tests", log_to_driver=True)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

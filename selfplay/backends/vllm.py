@@ -47,7 +47,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
-                 lora=None, **_ignored):
+                 lora=None, tensor_parallel_size: int = 1, **_ignored):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
@@ -67,6 +67,9 @@ class VLLMBackend:
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enforce_eager=not on_gpu,  # no CUDA graphs to capture on CPU
+            # tensor parallel: Ray workers in the GPU bundles of this generator's placement group (actors.placement)
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="ray" if tensor_parallel_size > 1 else None,
             **lora_options,
         )
         # names and shapes as the checkpoint has them (what load_weights accepts), read once from the config

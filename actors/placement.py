@@ -1,0 +1,70 @@
+"""The run's placement groups (planned by `selfplay.placement`), created and ready before any actor starts.
+
+A layout that no node can hold is refused by the plan, at once; one that fits the nodes but not what other jobs
+leave free waits up to `resources.placement_timeout_s`, then fails naming the roles still pending. Either way no
+actor has started. An actor restarted by Ray stays in its bundle; when a node dies, Ray moves that node's bundles
+to nodes that can hold them, and the actors restart there (docs/architecture.md, "Placement").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from selfplay.placement import PlacementError, check_placement, describe
+
+
+def cluster_nodes() -> list[dict]:
+    """The alive nodes as the plan reads them: {"id", "resources", "labels"}."""
+    return [{"id": n["NodeID"], "resources": n["Resources"], "labels": n.get("Labels") or {}}
+            for n in ray.nodes() if n["Alive"]]
+
+
+class Placement:
+    def __init__(self, cfg, roles: tuple[str, ...] = ("learner", "generator", "judge", "replay"),
+                 log: Callable[[str], None] = print):
+        r = cfg.resources
+        if "learner" in roles and r.num_learners > 1 and r.learner_strategy != "STRICT_PACK":
+            log(f"[selfplay] warning: resources.learner_strategy {r.learner_strategy}: learner ranks may land on "
+                "different nodes, and their gradient traffic then crosses the network (STRICT_PACK keeps it on one)")
+        planned = check_placement(cfg, cluster_nodes(), roles)
+        self.groups = {g.role: placement_group(
+            g.bundles, strategy=g.strategy, name=f"selfplay {g.role}",
+            bundle_label_selector=[dict(g.labels)] * len(g.bundles) if g.labels else None) for g in planned}
+        pending = {role: group.ready() for role, group in self.groups.items()}
+        deadline = time.monotonic() + r.placement_timeout_s
+        while pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            pending = {role: ref for role, ref in pending.items() if ref not in ready}
+        if pending:
+            self.remove()
+            raise PlacementError(
+                f"not placed within resources.placement_timeout_s ({r.placement_timeout_s:g}s): "
+                f"{', '.join(pending)}; the nodes fit this layout, but other work holds what it needs (free now: "
+                f"{describe(ray.available_resources())}); wait for it to finish, or change resources.*")
+
+    def strategy(self, role: str, bundle: int = 0, children: bool = False) -> PlacementGroupSchedulingStrategy:
+        """Schedule an actor in bundle `bundle` of `role`'s group. children: what the actor starts (vLLM's
+        tensor-parallel workers) goes into the same group."""
+        return PlacementGroupSchedulingStrategy(placement_group=self.groups[role], placement_group_bundle_index=bundle,
+                                                placement_group_capture_child_tasks=children)
+
+    def nodes(self) -> dict[str, list[str]]:
+        """The node id of every bundle, per role (from Ray's placement-group table)."""
+        table = {role: placement_group_table(group) for role, group in self.groups.items()}
+        return {role: [t["bundles_to_node_id"][i] for i in sorted(t["bundles_to_node_id"])] for role, t in table.items()}
+
+    def release(self, role: str) -> None:
+        group = self.groups.pop(role, None)
+        if group is not None:
+            remove_placement_group(group)
+
+    def remove(self) -> None:
+        for role in list(self.groups):
+            self.release(role)
+
