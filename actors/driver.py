@@ -32,8 +32,8 @@ from actors.generator import GeneratorActor
 from actors.inflight import InFlight
 from actors.judge import JudgeActor
 from actors.learner import LearnerGroup
-from actors.placement import Placement, cluster_nodes
 from actors.metrics import Counters, RunMetrics, plot, summary, utilization
+from actors.placement import Placement, cluster_nodes
 from actors.remote import ActorDiedError, get_all, recover
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync

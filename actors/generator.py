@@ -25,9 +25,9 @@ from actors.remote import ActorRestarted, peak_rss_mb, restarted
 from selfplay.backends import make_backend
 from selfplay.config import Config
 from selfplay.generation import revise
+from selfplay.placement import tensor_parallel
 from selfplay.segments import sample_cut_points, splice_segment
 from selfplay.tasks import Prompt, chat_prompt, make_prompt_id
-from selfplay.placement import tensor_parallel
 from selfplay.weights import WeightSyncError, unpack_buckets
 
 BUCKET_FETCH_TIMEOUT_S = 600.0  # one published bucket, from the object store
