@@ -159,6 +159,7 @@ class Driver:
             self.log(f"[selfplay] resuming {self.out} from step {self.resume_state['step']}")
         else:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a run started anew here does not continue it
             self.log(f"[selfplay] {cfg.algorithm} in {cfg.mode} mode → {self.out}")
             self.initial_policy = initial_policy(cfg, self.train_prompts, self.out, self.log)
         while True:

@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (see configs/); not needed with --resume")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="output directory (default: out_dir from the config)")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR from its newest complete checkpoint (its config.yaml, plus --set)")
+    p.add_argument("--resume", metavar="DIR|auto",
+                   help="continue the run in DIR from its newest complete checkpoint (its config.yaml, plus --set); "
+                   "'auto': resume the run in --out (or out_dir) if it has a checkpoint, otherwise start it (what a "
+                   "retried Ray job or Slurm requeue runs)")
     _add_address_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -201,6 +203,8 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from selfplay.config import load_config
 
+    if args.resume == "auto":
+        return _run_auto(args)
     if args.resume:
         if args.config and Path(args.config).resolve() != (Path(args.resume) / "config.yaml").resolve():
             raise UsageError("selfplay run --resume DIR continues with DIR/config.yaml; give --set overrides, "
@@ -213,6 +217,44 @@ def cmd_run(args) -> int:
         raise UsageError("selfplay run: give a config file (or --resume DIR)")
     cfg = load_config(args.config, args.overrides)
     return _run_driver(cfg, args.out or cfg.out_dir, args.address)
+
+
+def _run_auto(args) -> int:
+    """--resume auto: the same command starts a run, or continues it after the job was stopped. The config given
+    must be the one the run started with (a changed config is a different run: refused, with the keys)."""
+    from selfplay.config import load_config
+    from selfplay.preflight import latest_checkpoint
+
+    if not args.config:
+        raise UsageError("selfplay run --resume auto: give the config file too (it starts the run when there is "
+                         "nothing to resume)")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.out_dir)
+    if not (out / "config.yaml").is_file() or latest_checkpoint(out) is None:
+        if out.exists() and any(out.iterdir()):
+            print(f"[selfplay] --resume auto: {out} has no complete checkpoint; starting the run anew", flush=True)
+        return _run_driver(cfg, str(out), args.address)
+    stored = load_config(str(out / "config.yaml"), args.overrides)
+    changed = _differences(stored.to_dict(), cfg.to_dict(), skip={"out_dir"})
+    if changed:
+        shown = ", ".join(f"{k} ({a!r} there, {b!r} here)" for k, a, b in changed[:5])
+        raise UsageError(f"selfplay run --resume auto: {args.config} differs from {out / 'config.yaml'}, the run it "
+                         f"would resume, at {shown}; resume that run with --resume {out} (and --set), or start "
+                         "another with a new --out")
+    return _run_driver(stored, str(out), args.address, resume=True)
+
+
+def _differences(a: dict, b: dict, skip: set[str], prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = prefix + key
+        if name in skip:
+            continue
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out.extend(_differences(a[key], b[key], skip, name + "."))
+        elif a.get(key) != b.get(key):
+            out.append((name, a.get(key), b.get(key)))
+    return out
 
 
 def cmd_submit(args) -> int:

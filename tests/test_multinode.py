@@ -1,0 +1,152 @@
+"""A run across Ray nodes: the session's cluster gets three worker nodes on this host, each with its own custom
+resource, and the config pins every role to one of them. Where each actor ran is read from Ray's state API.
+
+    head        the driver (this process, or a submitted job's)
+    learners    {learner_node: 2}     both learner ranks (STRICT_PACK)
+    generators  {generator_node: 1}   the generator
+    services    {service_node: 2}     the judge and the replay shard
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfplay.config import load_config
+from selfplay.demo import demo_config
+from tests.test_reliability import finish, start_driver, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+PINNED = ["resources.num_learners=2", "resources.learner_cpus=1", "resources.learner_resources.learner_node=1",
+          "resources.generator_cpus=1", "resources.generator_resources.generator_node=1",
+          "resources.judge_cpus=0.5", "resources.judge_resources.service_node=1",
+          "resources.replay_cpus=0.5", "resources.replay_resources.service_node=1"]
+ROLES = {"LearnerActor": "learner", "GeneratorActor": "generator", "JudgeActor": "judge",
+         "ReplayShardActor": "replay_shard"}
+
+
+@pytest.fixture(scope="module")
+def nodes(ray_nodes):
+    """{name: node} of the three worker nodes, removed again after this module (the test that kills one
+    replaces it here)."""
+    added = {
+        "learners": ray_nodes.add_node(num_cpus=2, resources={"learner_node": 2}, object_store_memory=300 << 20),
+        "generators": ray_nodes.add_node(num_cpus=1, resources={"generator_node": 1}, object_store_memory=300 << 20),
+        "services": ray_nodes.add_node(num_cpus=1, resources={"service_node": 2}, object_store_memory=300 << 20),
+    }
+    ray_nodes.wait_for_nodes()
+    yield added
+    for node in added.values():
+        if node in ray_nodes.worker_nodes:
+            ray_nodes.remove_node(node)
+
+
+def placed(dashboard: str, before: set[str], nodes: dict) -> dict[str, list[str]]:
+    """{role: sorted node names} of the selfplay actors created since `before` (actor ids), from the state API."""
+    from ray.util.state import list_actors
+
+    names = {node.node_id: name for name, node in nodes.items()}
+    out: dict[str, list[str]] = {}
+    for actor in list_actors(address=dashboard, limit=10_000, raise_on_missing_output=False):
+        if actor.actor_id not in before and actor.class_name in ROLES:
+            out.setdefault(ROLES[actor.class_name], []).append(names.get(actor.node_id, "head"))
+    return {role: sorted(where) for role, where in out.items()}
+
+
+def actor_ids(dashboard: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(address=dashboard, limit=10_000, raise_on_missing_output=False)}
+
+
+def test_sppo_across_nodes_sync_then_resumed_async_over_the_collective(ray_cluster, ray_nodes, nodes, tmp_path,
+                                                                      warm_policy_dir):
+    from actors.driver import Driver
+
+    before = actor_ids(ray_nodes.dashboard_url)
+    cfg = demo_config("sppo", "sync", quick=True, extra=[
+        *PINNED, "train.steps=2", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}", "eval.prompts=10",
+        "train.batch_size=16"])
+    out = tmp_path / "run"
+    first = Driver(cfg, out, log=print).run()
+    assert first["learner_steps"] == 2 and first["rows_lost"] == 0
+    layout = {"learner": ["learners", "learners"], "generator": ["generators"], "judge": ["services"],
+              "replay_shard": ["services"]}
+    assert placed(ray_nodes.dashboard_url, before, nodes) == layout
+    print("placed:", layout)
+
+    # the same run continues in async mode, weights over the collective (gloo across the nodes' processes)
+    before = actor_ids(ray_nodes.dashboard_url)
+    resumed = Driver(load_config(str(out / "config.yaml"), ["train.steps=4", "mode=async",
+                                                             "weight_sync.transport=collective"]), out).run(resume=True)
+    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 4 and resumed["policy_version"] == 4
+    assert resumed["rows_lost"] == 0 and resumed["generator_versions"] == [4]
+    assert placed(ray_nodes.dashboard_url, before, nodes) == layout
+
+
+def test_a_generator_on_a_node_that_dies_is_restarted_on_a_surviving_node(ray_cluster, ray_nodes, nodes, tmp_path,
+                                                                         warm_policy_dir):
+    cfg = demo_config("sppo", "sync", quick=True, extra=[
+        *PINNED, "train.steps=4", f"model.policy={warm_policy_dir}", "eval.prompts=10", "train.batch_size=16"])
+    out = tmp_path / "node-dies"
+    before = actor_ids(ray_nodes.dashboard_url)
+    driver, thread, result = start_driver(cfg, out)
+    wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
+    marker = tmp_path / "generator.held"
+    ray_cluster.get(driver.generators[0].hold.remote("request", str(marker), 1), timeout=120)  # its 2nd request
+    wait_for(lambda: marker.exists() or not thread.is_alive(), 300, "the generator's second request")
+    assert thread.is_alive()
+    # the node dies with the request in flight; a spare node with the generator's resource has joined meanwhile
+    nodes["spare"] = ray_nodes.add_node(num_cpus=1, resources={"generator_node": 1}, object_store_memory=300 << 20)
+    ray_nodes.remove_node(nodes.pop("generators"), allow_graceful=False)
+    summary = finish(thread, result)
+    assert summary["learner_steps"] == 4 and summary["rows_lost"] == 0
+    assert summary["actor_restarts"]["generator"] == 1 and summary["requests_reissued"] >= 1
+    assert summary["generator_versions"] == [4]  # the restarted generator got the weights again
+    where = placed(ray_nodes.dashboard_url, before, nodes)
+    assert where["generator"] == ["spare"] and where["learner"] == ["learners", "learners"]
+
+
+def test_a_submitted_job_killed_mid_run_resumes_by_itself_when_submitted_again(ray_cluster, ray_nodes, nodes,
+                                                                              tmp_path, monkeypatch):
+    """`selfplay run --resume auto`, as the RayJob and Slurm entrypoints run it: the first submission starts the
+    run, its driver process is killed after the checkpoint of step 2, the same command submitted again resumes."""
+    from deploy import submit as jobs
+
+    monkeypatch.setenv("WANDB_API_KEY", "secret-not-in-any-file")
+    out = tmp_path / "job-out"
+    command = [sys.executable, "-m", "selfplay.cli", "run", "configs/demo.yaml", "--out", str(out), "--resume", "auto",
+               *[a for o in [*PINNED, "train.steps=6", "train.checkpoint_every=2", "warmup.steps=30",
+                             "eval.prompts=10", "train.batch_size=16", "generation.prompts_per_request=16"]
+                 for a in ("--set", o)]]
+    address = ray_nodes.dashboard_url
+
+    def submit(sid: str, *wait: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "selfplay.cli", "submit", "--address", address, "--id", sid,
+                               "--working-dir", str(ROOT), "--env", "SELFPLAY_TEST=1", *wait, "--", *command],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    sid = f"multinode-{os.getpid()}"
+    assert submit(sid).returncode == 0
+    wait_for(lambda: (out / "checkpoints" / "step_2" / "driver_state.json").exists()
+             or jobs.status(sid, address) in ("FAILED", "SUCCEEDED", "STOPPED"), 600, "the checkpoint of step 2")
+    pid = jobs.client(address).get_job_info(sid).driver_info.pid
+    os.kill(int(pid), signal.SIGKILL)  # the job's driver, mid-run: no clean-up of any kind
+    assert jobs.wait(sid, address=address, timeout_s=120) == "FAILED"
+    assert not (out / "summary.json").exists(), "the job finished before its driver could be killed"
+
+    again = submit(sid + "-again", "--wait")  # the same command: it finds the checkpoint and resumes
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "resuming" in again.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["learner_steps"] == 6 and summary["rows_lost"] == 0 and summary["resumed_from"][0] >= 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in
+                      (".yaml", ".json", ".jsonl"))
+    assert "secret-not-in-any-file" not in written  # secrets reach the job's env, never its files
