@@ -29,13 +29,15 @@ def client(address: str | None = None):
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
 
 
-def runtime_env(working_dir: str | Path = ".", pip: list[str] | None = None, env: dict[str, str] | None = None,
+def runtime_env(working_dir: str | Path | None = ".", pip: list[str] | None = None, env: dict[str, str] | None = None,
                 conda: str | None = None) -> dict[str, Any]:
-    """The job's runtime_env: code, extra packages and environment variables (secrets included, in memory only)."""
+    """The job's runtime_env: code, extra packages and environment variables (secrets included, in memory only).
+    working_dir None: nothing is uploaded, the code is on every node already (the image, a shared filesystem)."""
     env_vars = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
     env_vars.update(env or {})
-    spec: dict[str, Any] = {"working_dir": str(Path(working_dir).resolve()), "excludes": EXCLUDES,
-                            "env_vars": env_vars}
+    spec: dict[str, Any] = {"env_vars": env_vars}
+    if working_dir is not None:
+        spec.update(working_dir=str(Path(working_dir).resolve()), excludes=EXCLUDES)
     if pip:
         spec["pip"] = pip
     if conda:
@@ -43,7 +45,7 @@ def runtime_env(working_dir: str | Path = ".", pip: list[str] | None = None, env
     return spec
 
 
-def submit(entrypoint: list[str] | str, *, address: str | None = None, working_dir: str | Path = ".",
+def submit(entrypoint: list[str] | str, *, address: str | None = None, working_dir: str | Path | None = ".",
            pip: list[str] | None = None, env: dict[str, str] | None = None, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None, agent_wait_s: float = 120) -> str:
     command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)

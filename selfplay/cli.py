@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a command as a Ray job, e.g. selfplay submit -- selfplay run CONFIG")
     p.add_argument("--address", help="Ray job server (default $RAY_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--working-dir", default=".", help="uploaded with the job (.venv, runs/, .git excluded)")
+    p.add_argument("--no-upload", action="store_true", help="upload nothing: the code is on every node already "
+                   "(the cluster's image, a shared filesystem); give the job's paths as the nodes see them")
     p.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable); WANDB_*/HF_* pass through when set")
@@ -267,7 +269,8 @@ def cmd_submit(args) -> int:
             raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         env[key] = value
-    sid = jobs.submit(command, address=args.address, working_dir=args.working_dir, pip=args.pip or None, env=env,
+    sid = jobs.submit(command, address=args.address, working_dir=None if args.no_upload else args.working_dir,
+                      pip=args.pip or None, env=env,
                       submission_id=args.submission_id)
     print(f"submitted {sid}; follow it with: selfplay job logs {sid}")
     if not args.wait:

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from selfplay.config import load_config
 from selfplay.demo import demo_config
-from tests.test_reliability import finish, start_driver, wait_for
+from tests.test_reliability import final_weights, finish, start_driver, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,29 +113,35 @@ def test_a_generator_on_a_node_that_dies_is_restarted_on_a_surviving_node(ray_cl
     assert where["generator"] == ["spare"] and where["learner"] == ["learners", "learners"]
 
 
-def test_a_submitted_job_killed_mid_run_resumes_by_itself_when_submitted_again(ray_cluster, ray_nodes, nodes,
-                                                                              tmp_path, monkeypatch):
+def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitted_again(
+        ray_cluster, ray_nodes, nodes, tmp_path, monkeypatch, warm_policy_dir):
     """`selfplay run --resume auto`, as the RayJob and Slurm entrypoints run it: the first submission starts the
-    run, its driver process is killed after the checkpoint of step 2, the same command submitted again resumes."""
+    run, its driver process is killed after the checkpoint of step 2, the same command submitted again resumes,
+    and ends on the weights of a run that was never stopped (sync mode: same optimizer, RNG, replay, prompts).
+    --no-upload: this host's nodes share one session directory, and a working_dir that one node's runtime-env
+    agent unpacks, another's deletes when it is done with it (Ray assumes a node per host)."""
+    from actors.driver import Driver
     from deploy import submit as jobs
 
+    overrides = [*PINNED, "train.steps=6", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}",
+                 "eval.prompts=10", "train.batch_size=16", "generation.prompts_per_request=16", "sppo.k=4"]
+    straight = Driver(load_config(str(ROOT / "configs/demo.yaml"), overrides), tmp_path / "straight").run()
+
     monkeypatch.setenv("WANDB_API_KEY", "secret-not-in-any-file")
-    out = tmp_path / "job-out"
-    command = [sys.executable, "-m", "selfplay.cli", "run", "configs/demo.yaml", "--out", str(out), "--resume", "auto",
-               *[a for o in [*PINNED, "train.steps=6", "train.checkpoint_every=2", "warmup.steps=30",
-                             "eval.prompts=10", "train.batch_size=16", "generation.prompts_per_request=16"]
-                 for a in ("--set", o)]]
-    address = ray_nodes.dashboard_url
+    out, address = tmp_path / "job-out", ray_nodes.dashboard_url
+    command = [sys.executable, "-m", "selfplay.cli", "run", str(ROOT / "configs/demo.yaml"), "--out", str(out),
+               "--resume", "auto", *[a for o in overrides for a in ("--set", o)]]
 
     def submit(sid: str, *wait: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "selfplay.cli", "submit", "--address", address, "--id", sid,
-                               "--working-dir", str(ROOT), "--env", "SELFPLAY_TEST=1", *wait, "--", *command],
+                               "--no-upload", "--env", "SELFPLAY_TEST=1", *wait, "--", *command],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
 
     sid = f"multinode-{os.getpid()}"
     assert submit(sid).returncode == 0
     wait_for(lambda: (out / "checkpoints" / "step_2" / "driver_state.json").exists()
              or jobs.status(sid, address) in ("FAILED", "SUCCEEDED", "STOPPED"), 600, "the checkpoint of step 2")
+    assert jobs.status(sid, address) == "RUNNING", jobs.logs(sid, address)[-3000:]
     pid = jobs.client(address).get_job_info(sid).driver_info.pid
     os.kill(int(pid), signal.SIGKILL)  # the job's driver, mid-run: no clean-up of any kind
     assert jobs.wait(sid, address=address, timeout_s=120) == "FAILED"
@@ -143,10 +150,15 @@ def test_a_submitted_job_killed_mid_run_resumes_by_itself_when_submitted_again(r
     again = submit(sid + "-again", "--wait")  # the same command: it finds the checkpoint and resumes
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "resuming" in again.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["learner_steps"] == 6 and summary["rows_lost"] == 0 and summary["resumed_from"][0] >= 2
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["resumed_from"][0] >= 2
+    for key in ("learner_steps", "policy_version", "samples_trained", "rows_lost"):
+        assert resumed[key] == straight[key], key
+    assert resumed["rows_lost"] == 0
+    a, b = final_weights(tmp_path / "straight", 6), final_weights(out, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(1, 7))  # the steps run again after the checkpoint replaced the killed run's lines
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in
                       (".yaml", ".json", ".jsonl"))
     assert "secret-not-in-any-file" not in written  # secrets reach the job's env, never its files

@@ -1,15 +1,8 @@
-"""Ray job submission against a head this test starts on its own ports (and stops, alone)."""
+"""Ray job submission to the session's cluster (its dashboard's job server), the working directory uploaded."""
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,49 +13,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path, monkeypatch):
-    """`ray start --head --block` in its own process group: killing that group stops this head and nothing else
-    (`ray stop` would stop every Ray process on the machine, the test session's cluster included)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth: off on both sides for a local head
-    port, dashboard = free_port(), free_port()
-    # every port the head opens is its own: the session's test cluster already holds Ray's default agent ports
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    ray_bin = Path(sys.executable).parent / "ray"
-    temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # AF_UNIX socket paths must stay under 108 bytes
-    log = (tmp_path / "head.log").open("w")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats",
-         f"--temp-dir={temp}", *own_ports],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline and head.poll() is None:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(head.pid, signal.SIGTERM)
-        pytest.fail(f"the Ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def test_submit_demo_config_as_a_ray_job_and_read_its_outputs(ray_head, tmp_path, monkeypatch):
+def test_submit_demo_config_as_a_ray_job_and_read_its_outputs(ray_nodes, tmp_path, monkeypatch):
+    ray_head = ray_nodes.dashboard_url  # the session's cluster: its code travels as the job's working_dir
     monkeypatch.setenv("WANDB_API_KEY", "secret-not-in-any-file")
     out = tmp_path / "job-out"
     command = [sys.executable, "-m", "selfplay.cli", "run", "configs/demo.yaml", "--out", str(out),
