@@ -33,13 +33,13 @@ from actors.inflight import InFlight
 from actors.judge import JudgeActor
 from actors.learner import LearnerGroup
 from actors.metrics import Counters, RunMetrics, plot, summary, utilization
-from actors.placement import Placement, cluster_nodes
+from actors.placement import Placement
 from actors.remote import ActorDiedError, get_all, recover
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config, check_resources
 from selfplay.evaluate import evaluate_run
-from selfplay.placement import check_placement, tensor_parallel
+from selfplay.placement import tensor_parallel
 from selfplay.preflight import latest_checkpoint, run_prompts
 from selfplay.recipes import make_recipe
 from selfplay.tasks import Prompt
@@ -58,7 +58,7 @@ class Driver:
     def __init__(self, cfg: Config, out_dir: str | Path, log: Callable[[str], None] = print,
                  prompts: tuple | None = None):
         """`prompts`: what `selfplay.preflight.run_prompts(cfg)` returned, when the caller has read them already."""
-        self.cfg, self.out, self.log, self.given_prompts = cfg, Path(out_dir), log, prompts
+        self.cfg, self.out, self.log, self.given_prompts = cfg, Path(out_dir).absolute(), log, prompts
         self.recipe = make_recipe(cfg)
         self.counters = Counters()
         self.evals: list[dict[str, Any]] = []
@@ -99,8 +99,7 @@ class Driver:
     def _build(self, policy: str) -> None:
         cfg, r = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, policy=policy)), \
             self.cfg.resources
-        # every role's placement group is ready before any actor starts (a layout that cannot be placed fails here)
-        self.placement = Placement(cfg, log=self.log)
+        # each actor goes into its bundle of the run's placement groups (ready since `run` started)
         # generators, judges and replay shards are restarted by Ray when they die and recovered by `_recover`;
         # learners are not (a step needs every rank): a learner failure resumes the run from a checkpoint.
         # A tensor-parallel generator's own bundle has no GPU: its vLLM workers take the group's GPU bundles
@@ -148,9 +147,17 @@ class Driver:
         cfg, start = self.cfg, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         # an impossible layout (more GPUs than the cluster has, a role no node can hold) fails here, naming the
-        # fields, before the warm-up and before any actor
+        # fields, before the warm-up and before any actor; so does an out_dir some node does not see
         check_resources(cfg, ray.cluster_resources())
-        check_placement(cfg, cluster_nodes())
+        self.placement = Placement(cfg, log=self.log)
+        try:
+            self.placement.check_shared_dir(self.out)
+            return self._run_attempts(resume, start)
+        finally:
+            self.placement.remove()
+
+    def _run_attempts(self, resume: bool, start: float) -> dict[str, Any]:
+        cfg = self.cfg
         self.train_prompts, self.eval_prompts, self.task = self._prompts()
         if resume:
             self.resume_state = checkpoint.load(self.out, latest_checkpoint(self.out))
@@ -416,5 +423,4 @@ class Driver:
             self.replay.restarts = 0
         if self.learners is not None:
             self.learners.shutdown()
-        if self.placement is not None:
-            self.placement.remove()
+

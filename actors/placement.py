@@ -9,13 +9,23 @@ to nodes that can hold them, and the actors restart there (docs/architecture.md,
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from selfplay.placement import PlacementError, check_placement, describe
+
+
+@ray.remote(num_cpus=0)
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
 
 
 def cluster_nodes() -> list[dict]:
@@ -47,6 +57,26 @@ class Placement:
                 f"not placed within resources.placement_timeout_s ({r.placement_timeout_s:g}s): "
                 f"{', '.join(pending)}; the nodes fit this layout, but other work holds what it needs (free now: "
                 f"{describe(ray.available_resources())}); wait for it to finish, or change resources.*")
+
+    def check_shared_dir(self, directory: Path) -> None:
+        """Every node of the run must see `directory` as this driver does: the initial policy is read from it,
+        checkpoints, replay snapshots and the final model are written to it by actors on every node. A task in
+        each bundle reads a marker the driver just wrote; a node that reads nothing, or another run's marker, has
+        its own directory at that path (a relative out_dir, a node-local disk)."""
+        marker, token = directory / ".selfplay-shared-check", uuid.uuid4().hex
+        marker.write_text(token)
+        try:
+            refs = {(role, i): _read.options(scheduling_strategy=self.strategy(role, i)).remote(str(marker))
+                    for role, group in self.groups.items() for i in range(group.bundle_count)}
+            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=300)))
+        finally:
+            marker.unlink(missing_ok=True)
+        blind = sorted({role for (role, _), text in seen.items() if text != token})
+        if blind:
+            raise PlacementError(
+                f"out_dir {directory} is not the same directory on every node: the node(s) of {', '.join(blind)} do "
+                "not see what the driver wrote there; put out_dir on storage every node mounts at the same path "
+                "(NFS, a ReadWriteMany volume; docs/cluster.md) and give it as an absolute path")
 
     def strategy(self, role: str, bundle: int = 0, children: bool = False) -> PlacementGroupSchedulingStrategy:
         """Schedule an actor in bundle `bundle` of `role`'s group. children: what the actor starts (vLLM's

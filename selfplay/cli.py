@@ -334,13 +334,13 @@ def cmd_tiny(args) -> int:
 def cmd_warmup(args) -> int:
     import torch
 
-    from selfplay.config import load_config
+    from selfplay.config import PROMPT_SETS, load_config
     from selfplay.models import load_policy_and_tokenizer, save_pretrained
     from selfplay.tasks import make_task
     from selfplay.warmup import evaluate_task, supervised_warmup
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.task.name == "file":
+    if cfg.task.name in PROMPT_SETS:
         raise UsageError("task.name: the warm-up needs a synthetic task with reference answers (task.name: sort)")
     out = Path(args.out or Path(cfg.out_dir) / "warmup")
     torch.manual_seed(cfg.seed)
@@ -381,18 +381,18 @@ def cmd_warmup(args) -> int:
 def cmd_eval(args) -> int:
     import dataclasses
 
-    from selfplay.config import load_config
+    from selfplay.config import PROMPT_SETS, load_config
     from selfplay.evaluate import head_to_head
     from selfplay.judges import make_judge
     from selfplay.models import load_policy_and_tokenizer
-    from selfplay.tasks import load_prompts, make_task
+    from selfplay.tasks import load_task_prompts, make_task
 
     cfg = load_config(args.config, args.overrides)
     if args.revisions < 0:
         raise UsageError(f"--revisions must be >= 0, got {args.revisions}")
     task = None
-    if cfg.task.name == "file":
-        prompts = load_prompts(cfg.task.path, field=cfg.task.prompt_field)
+    if cfg.task.name in PROMPT_SETS:
+        prompts = load_task_prompts(cfg.task)
     else:
         task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
         prompts = task.prompts("eval", cfg.task.eval_size, seed=cfg.seed)

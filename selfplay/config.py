@@ -41,8 +41,9 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "sort"  # a synthetic task from selfplay.tasks, or "file" for a prompt set
-    path: str | None = None  # JSONL or Parquet prompt file, for name: file
+    name: str = "sort"  # a synthetic task from selfplay.tasks, "file" for a prompt file, "hf" for a HF dataset
+    path: str | None = None  # file: a JSONL, JSON or Parquet file; hf: a hub id, a save_to_disk directory, data files
+    split: str = "train"  # hf: the dataset's split
     prompt_field: str = "prompt"
     reference_field: str | None = None  # prompt files: a reference answer per prompt (SAPO's chosen)
     heldout_fraction: float = 0.05  # prompt files: share of prompts kept out of training for evaluation
@@ -160,6 +161,7 @@ class ReplayConfig:
     max_reuse: int | None = None  # a row leaves the buffer once sampled this many times; None: no limit
 
 
+PROMPT_SETS = ("file", "hf")  # task.name values that read prompts (a file; a Hugging Face dataset), not a synthetic task
 Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]  # Ray placement-group strategies
 
 
@@ -472,13 +474,14 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           "above 1 means a tensor-parallel engine, which needs generation.backend vllm")
     check(cfg.resources.placement_timeout_s > 0, "resources.placement_timeout_s", "must be > 0")
 
-    check(cfg.task.name in TASKS or cfg.task.name == "file", "task.name",
-          f"unknown task (known: {', '.join(sorted(TASKS))}, file)")
-    check(cfg.task.name != "file" or bool(cfg.task.path), "task.path", "is required when task.name is 'file'")
+    check(cfg.task.name in TASKS or cfg.task.name in PROMPT_SETS, "task.name",
+          f"unknown task (known: {', '.join(sorted(TASKS))}, {', '.join(PROMPT_SETS)})")
+    check(cfg.task.name not in PROMPT_SETS or bool(cfg.task.path), "task.path",
+          f"is required when task.name is {cfg.task.name!r}")
     check(cfg.task.train_size >= 1, "task.train_size", "must be >= 1")
     check(0 < cfg.task.heldout_fraction < 1, "task.heldout_fraction", "must be in (0, 1)")
     needs_answers = cfg.algorithm in RECIPES and RECIPES[cfg.algorithm].needs_reference_answers  # SAPO's chosen
-    check(not needs_answers or cfg.task.name != "file" or bool(cfg.task.reference_field),
+    check(not needs_answers or cfg.task.name not in PROMPT_SETS or bool(cfg.task.reference_field),
           "task.reference_field", f"is required for {cfg.algorithm.upper()} on a prompt file (the chosen responses)")
     check(cfg.task.eval_size >= 1, "task.eval_size", "must be >= 1")
     check(cfg.task.max_prompt_chars >= 1, "task.max_prompt_chars", "must be >= 1")
@@ -510,9 +513,9 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
 
     check(cfg.judge.kind != "pairrm" or bool(cfg.judge.path), "judge.path",
           "is required for the pairrm judge (e.g. llm-blender/PairRM-hf or a local directory)")
-    check(cfg.judge.kind != "rule" or cfg.task.name != "file", "judge.kind",
-          "the rule judge scores the answers of a synthetic task; a prompt file (task.name: file) needs the pairrm "
-          "judge")
+    check(cfg.judge.kind != "rule" or cfg.task.name not in PROMPT_SETS, "judge.kind",
+          "the rule judge scores the answers of a synthetic task; a prompt set (task.name: file or hf) needs the "
+          "pairrm judge")
     check(cfg.judge.batch_size >= 1, "judge.batch_size", "must be >= 1")
     check(cfg.judge.temperature > 0, "judge.temperature", "must be > 0")
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from selfplay.config import Config, ConfigError, check_resources
+from selfplay.config import PROMPT_SETS, Config, ConfigError, check_resources
 
 
 class PreflightError(ConfigError):
@@ -39,7 +39,7 @@ def run_prompts(cfg: Config) -> tuple[list, list, Any, list[str]]:
     from selfplay.recipes import RECIPES
     from selfplay.tasks import load_task_prompts, make_task
 
-    if cfg.task.name == "file":
+    if cfg.task.name in PROMPT_SETS:
         prompts = load_task_prompts(cfg.task, RECIPES[cfg.algorithm].needs_reference_answers)
         held = [p for p in prompts if held_out(p.prompt_id, cfg.task.heldout_fraction)]
         train = [p for p in prompts if not held_out(p.prompt_id, cfg.task.heldout_fraction)]

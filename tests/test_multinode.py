@@ -162,3 +162,48 @@ def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitt
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in
                       (".yaml", ".json", ".jsonl"))
     assert "secret-not-in-any-file" not in written  # secrets reach the job's env, never its files
+
+
+def test_an_out_dir_that_one_node_does_not_see_is_refused_before_any_actor(ray_cluster, ray_nodes, tmp_path):
+    """A node in its own mount namespace, with an empty tmpfs over the run's directory: a node-local disk where
+    the driver's out_dir should be shared storage."""
+    from actors.driver import Driver
+    from selfplay.placement import PlacementError
+
+    private = tmp_path / "private"
+    private.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {private}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine allows no private mount namespace (unshare -m): {probe.stderr.decode()[-200:]}")
+    ports = [f"--{flag}={free_port()}" for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port")]
+    ray_bin = Path(sys.executable).parent / "ray"
+    start = (f"mount -t tmpfs none {private} && exec {ray_bin} start --block --address={ray_nodes.address} "
+             f"--num-cpus=0 --resources='{{\"blind_node\": 1}}' --object-store-memory={300 << 20} " + " ".join(ports))
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", start], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: any(n["Alive"] and "blind_node" in n["Resources"] for n in ray_cluster.nodes()), 120,
+                 "the node with its own mount namespace")
+        before = actor_ids(ray_nodes.dashboard_url)
+        cfg = demo_config("sppo", "sync", quick=True, extra=["resources.judge_cpus=0",
+                                                             "resources.judge_resources.blind_node=1"])
+        with pytest.raises(PlacementError, match=r"out_dir .*/private/run is not the same directory on every node: "
+                                                 r"the node\(s\) of judge do not see what the driver wrote there"):
+            Driver(cfg, private / "run").run()
+        assert placed(ray_nodes.dashboard_url, before, {}) == {}  # no actor started
+        assert not (private / "run" / "initial_policy").exists()  # nor the warm-up
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+        wait_for(lambda: not any(n["Alive"] and "blind_node" in n["Resources"] for n in ray_cluster.nodes()), 60,
+                 "the node to leave")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,7 @@ def make_judge(judge_cfg, task_cfg=None) -> Judge:
     if judge_cfg.kind == "rule":
         from selfplay.tasks import make_task
 
-        if task_cfg is None or task_cfg.name == "file":
+        if task_cfg is None or task_cfg.name in ("file", "hf"):
             raise ValueError("a rule judge needs a synthetic task with a scorer (task.name), not a prompt file")
         task = make_task(task_cfg.name, min_items=task_cfg.min_items, max_items=task_cfg.max_items)
         return RuleJudge(task, temperature=judge_cfg.temperature)

@@ -1,4 +1,5 @@
-"""Load real prompt sets from JSONL, JSON or Parquet: one record per prompt with a `prompt` field.
+"""Load real prompt sets from JSONL, JSON or Parquet, or Hugging Face datasets: one record per prompt with a
+`prompt` field.
 
 The field may hold a string or a chat (a list of {"role", "content"} messages).
 
@@ -83,48 +84,96 @@ def load_prompts(
     else:
         raise PromptFileError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl, .json or .parquet)")
 
+    where = (lambda n: f"{path}:{n}") if unit == "line" else (lambda n: f"{path}: row {n}")
+    return _prompt_set(records, str(path), where, field, id_field, reference_field, max_chars, skip_bad,
+                       require_reference)
+
+
+def load_hf_prompts(
+    path: str,
+    *,
+    split: str = "train",
+    field: str = "prompt",
+    id_field: str | None = None,
+    reference_field: str | None = None,
+    max_chars: int = 32_000,
+    skip_bad: bool = False,
+    require_reference: bool = False,
+) -> PromptSet:
+    """A Hugging Face dataset through the `datasets` library: a directory written by `save_to_disk`, data files
+    (`.jsonl`, `.json`, `.parquet`, `.csv`, globs allowed) or a hub id (on a machine that reaches the hub, e.g.
+    `HuggingFaceH4/ultrafeedback_binarized` with split `train_prefs`). The same record rules as `load_prompts`;
+    rows are numbered from 0 within the split."""
+    import datasets
+
+    source = f"{path} [{split}]"
+    try:
+        if Path(path).is_dir() and any((Path(path) / f).exists() for f in ("dataset_dict.json", "state.json")):
+            data = datasets.load_from_disk(path)
+        else:
+            builders = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
+            builder = builders.get(Path(path.replace("*", "x")).suffix.lower())
+            data = datasets.load_dataset(builder, data_files=path) if builder else datasets.load_dataset(path)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError…)
+        reason = " ".join(str(e).split())[:300]
+        raise PromptFileError(f"{path}: cannot load it as a Hugging Face dataset ({type(e).__name__}: {reason})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise PromptFileError(f"{path}: no split {split!r} (task.split); splits are {sorted(data)}")
+        data = data[split]
+    missing = [c for c in (field, id_field, reference_field) if c and c not in data.column_names]
+    if missing:
+        raise PromptFileError(f"{source}: missing column(s) {missing}; columns are {data.column_names}")
+    if data.num_rows == 0:
+        raise PromptFileError(f"{source}: no records (the split has no rows)")
+    records = enumerate(data.select_columns([c for c in (field, id_field, reference_field) if c]))
+    return _prompt_set(records, source, lambda n: f"{source}: row {n}", field, id_field, reference_field, max_chars,
+                       skip_bad, require_reference)
+
+
+def _prompt_set(records, source: str, where, field, id_field, reference_field, max_chars: int, skip_bad: bool,
+                require_reference: bool) -> PromptSet:
+    """Every record made a Prompt, or its problem kept as `where(number): problem`; then the bad-record rules."""
     prompts: list[Prompt] = []
     problems: list[str] = []
     seen = 0
     for number, record in records:
         seen += 1
-        where = f"{path}:{number}" if unit == "line" else f"{path}: row {number}"
         try:
             prompts.append(_to_prompt(record, field, id_field, reference_field, max_chars, require_reference))
         except ValueError as e:
-            problems.append(f"{where}: {e}")
+            problems.append(f"{where(number)}: {e}")
     if not seen:
-        raise PromptFileError(f"{path}: no records (only blank lines, an empty array or no rows)")
+        raise PromptFileError(f"{source}: no records (only blank lines, an empty array or no rows)")
     if len(problems) == 1 and not skip_bad:
-        raise PromptFileError(f"1 bad record in {path}: {problems[0]}; fix it, or skip and count bad records with "
+        raise PromptFileError(f"1 bad record in {source}: {problems[0]}; fix it, or skip and count bad records with "
                               "skip_bad (task.skip_bad_records: true)")
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:MAX_SHOWN])
         more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        raise PromptFileError(f"{len(problems)} bad record(s) in {path}:\n  {shown}{more}\n"
+        raise PromptFileError(f"{len(problems)} bad record(s) in {source}:\n  {shown}{more}\n"
                               "fix them, or skip and count them with skip_bad (task.skip_bad_records: true)")
     if problems:
         for problem in problems[:MAX_SHOWN]:
             log.warning("skipped bad prompt record %s", problem)
-        log.warning("skipped %d bad record(s) in %s (kept %d); first: %s", len(problems), path, len(prompts),
+        log.warning("skipped %d bad record(s) in %s (kept %d); first: %s", len(problems), source, len(prompts),
                     problems[0])
     if not prompts:
-        raise PromptFileError(f"{path}: no usable prompts ({len(problems)} bad record(s), first: {problems[0]})")
-    return PromptSet(prompts, path=str(path), problems=problems)
+        raise PromptFileError(f"{source}: no usable prompts ({len(problems)} bad record(s), first: {problems[0]})")
+    return PromptSet(prompts, path=source, problems=problems)
 
 
 def load_task_prompts(task_cfg, require_reference: bool = False) -> PromptSet:
-    """`load_prompts` for a `TaskConfig` with `name: file`: field names, `max_prompt_chars`, `skip_bad_records`,
-    and, with `require_reference` (a recipe that needs reference answers: SAPO's chosen responses), a reference
-    per record, so a missing one stops the run before it starts instead of failing a generator request mid-run."""
-    return load_prompts(
-        task_cfg.path,
-        field=task_cfg.prompt_field,
-        reference_field=task_cfg.reference_field,
-        max_chars=task_cfg.max_prompt_chars,
-        skip_bad=task_cfg.skip_bad_records,
-        require_reference=require_reference and bool(task_cfg.reference_field),
-    )
+    """`load_prompts` (`name: file`) or `load_hf_prompts` (`name: hf`, with `task.split`) for a `TaskConfig`:
+    field names, `max_prompt_chars`, `skip_bad_records`, and, with `require_reference` (a recipe that needs
+    reference answers: SAPO's chosen responses), a reference per record, so a missing one stops the run before it
+    starts instead of failing a generator request mid-run."""
+    options = dict(field=task_cfg.prompt_field, reference_field=task_cfg.reference_field,
+                   max_chars=task_cfg.max_prompt_chars, skip_bad=task_cfg.skip_bad_records,
+                   require_reference=require_reference and bool(task_cfg.reference_field))
+    if task_cfg.name == "hf":
+        return load_hf_prompts(task_cfg.path, split=task_cfg.split, **options)
+    return load_prompts(task_cfg.path, **options)
 
 
 def _jsonl_records(path: Path):
