@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from selfplay.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "configs" / "demo.yaml")
 PAIRRM_JUDGE = ["--set", "judge.kind=pairrm", "--set", "judge.path=llm-blender/PairRM-hf"]
@@ -108,6 +110,11 @@ CASES = [
      "error: selfplay demo: argument --algorithm: invalid choice: 'ppo'"),
     ("unknown-flag", ["run", DEMO, "--steps", "3"], {}, "error: selfplay: unrecognized arguments: --steps 3"),
     ("run-without-config", ["run"], {}, "selfplay run: give a config file (or --resume DIR)"),
+    ("resume-auto-without-config", ["run", "--resume", "auto"], {},
+     "selfplay run --resume auto: give the config file too (it starts the run when there is nothing to resume)"),
+    ("resume-auto-changed-config", ["run", DEMO, "--out", "{d}/run_with_checkpoint", "--resume", "auto"], {},
+     f"selfplay run --resume auto: {DEMO} differs from {{d}}/run_with_checkpoint/config.yaml, the run it would "
+     "resume, at seed (5 there, 0 here); resume that run with --resume {d}/run_with_checkpoint (and --set)"),
     ("plan-zero-gpus", ["plan", "--gpus", "0", "--gen-seconds", "1", "--rows-per-request", "8",
                         "--train-seconds", "1", "--batch", "8"], {}, "--gpus must be > 0, got 0"),
     ("eval-negative-revisions", ["eval", "--policy-a", "tiny", "--policy-b", "tiny", "--revisions", "-1"], {},
@@ -137,6 +144,9 @@ def case_files(tmp_path_factory, tiny_dir, pairrm_dir):
     os.symlink(pairrm_dir, d / "deberta")
     (d / "run_without_checkpoint").mkdir()
     (d / "run_without_checkpoint" / "config.yaml").write_text(Path(DEMO).read_text())
+    (d / "run_with_checkpoint" / "checkpoints" / "step_2").mkdir(parents=True)  # complete: driver_state.json
+    (d / "run_with_checkpoint" / "checkpoints" / "step_2" / "driver_state.json").write_text("{}")
+    (d / "run_with_checkpoint" / "config.yaml").write_text(load_config(DEMO, ["seed=5"]).to_yaml())
     return d
 
 
