@@ -151,6 +151,7 @@ class Driver:
         check_resources(cfg, ray.cluster_resources())
         self.placement = Placement(cfg, log=self.log)
         try:
+            self.log(f"[selfplay] placed: {self.placement.describe()}")
             self.placement.check_shared_dir(self.out)
             return self._run_attempts(resume, start)
         finally:

@@ -89,6 +89,16 @@ class Placement:
         table = {role: placement_group_table(group) for role, group in self.groups.items()}
         return {role: [t["bundles_to_node_id"][i] for i in sorted(t["bundles_to_node_id"])] for role, t in table.items()}
 
+    def describe(self) -> str:
+        """"10.0.0.5: learner ×8; 10.0.0.6: generator 0, judge, replay ×2": which roles each node holds."""
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        by_node: dict[str, list[str]] = {}
+        for role, node_ids in self.nodes().items():
+            for node in dict.fromkeys(node_ids):
+                count = node_ids.count(node)
+                by_node.setdefault(address.get(node, node[:8]), []).append(role + (f" ×{count}" if count > 1 else ""))
+        return "; ".join(f"{node}: {', '.join(roles)}" for node, roles in by_node.items())
+
     def release(self, role: str) -> None:
         group = self.groups.pop(role, None)
         if group is not None:
