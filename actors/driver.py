@@ -99,14 +99,15 @@ class Driver:
     def _build(self, policy: str) -> None:
         cfg, r = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, policy=policy)), \
             self.cfg.resources
-        # each actor goes into its bundle of the run's placement groups (ready since `run` started)
-        # generators, judges and replay shards are restarted by Ray when they die and recovered by `_recover`;
-        # learners are not (a step needs every rank): a learner failure resumes the run from a checkpoint.
-        # A tensor-parallel generator's own bundle has no GPU: its vLLM workers take the group's GPU bundles
-        generator_gpus = r.generator_gpus if tensor_parallel(cfg) == 1 else 0
+        # every actor goes into its bundle of the run's placement groups (`run` made them). Generators, judges and
+        # replay shards are restarted by Ray when they die and recovered by `_recover`; learners are not (a step
+        # needs every rank): a learner failure resumes the run from a checkpoint. A tensor-parallel generator's
+        # own bundle has no GPU: its vLLM workers take the group's GPU bundles
+        tp = tensor_parallel(cfg)
         self.generators = [
-            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=generator_gpus, max_restarts=r.max_restarts,
-                                   scheduling_strategy=self.placement.strategy(f"generator {i}", children=True))
+            GeneratorActor.options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus if tp == 1 else 0,
+                                   max_restarts=r.max_restarts,
+                                   scheduling_strategy=self.placement.strategy(f"generator {i}", children=tp > 1))
             .remote(cfg.to_dict(), policy, i) for i in range(r.num_generators)
         ]
         self.judges = [
@@ -424,4 +425,3 @@ class Driver:
             self.replay.restarts = 0
         if self.learners is not None:
             self.learners.shutdown()
-

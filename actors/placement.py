@@ -42,8 +42,9 @@ class Placement:
             log(f"[selfplay] warning: resources.learner_strategy {r.learner_strategy}: learner ranks may land on "
                 "different nodes, and their gradient traffic then crosses the network (STRICT_PACK keeps it on one)")
         planned = check_placement(cfg, cluster_nodes(), roles)
+        run = uuid.uuid4().hex[:8]  # names are unique in a namespace: two runs (or groups) must not collide
         self.groups = {g.role: placement_group(
-            g.bundles, strategy=g.strategy, name=f"selfplay {g.role}",
+            g.bundles, strategy=g.strategy, name=f"selfplay {g.role} {run}",
             bundle_label_selector=[dict(g.labels)] * len(g.bundles) if g.labels else None) for g in planned}
         pending = {role: group.ready() for role, group in self.groups.items()}
         deadline = time.monotonic() + r.placement_timeout_s
@@ -90,21 +91,17 @@ class Placement:
         return {role: [t["bundles_to_node_id"][i] for i in sorted(t["bundles_to_node_id"])] for role, t in table.items()}
 
     def describe(self) -> str:
-        """"10.0.0.5: learner ×8; 10.0.0.6: generator 0, judge, replay ×2": which roles each node holds."""
+        """"10.0.0.5 (3f2a9c): learner ×8; 10.0.0.6 (77b1e0): generator 0, judge, replay ×2": the roles on each
+        node (its address and the start of its Ray node id)."""
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         by_node: dict[str, list[str]] = {}
         for role, node_ids in self.nodes().items():
             for node in dict.fromkeys(node_ids):
                 count = node_ids.count(node)
-                by_node.setdefault(address.get(node, node[:8]), []).append(role + (f" ×{count}" if count > 1 else ""))
+                name = f"{address.get(node, '?')} ({node[:6]})"
+                by_node.setdefault(name, []).append(role + (f" ×{count}" if count > 1 else ""))
         return "; ".join(f"{node}: {', '.join(roles)}" for node, roles in by_node.items())
 
-    def release(self, role: str) -> None:
-        group = self.groups.pop(role, None)
-        if group is not None:
-            remove_placement_group(group)
-
     def remove(self) -> None:
-        for role in list(self.groups):
-            self.release(role)
-
+        while self.groups:
+            remove_placement_group(self.groups.popitem()[1])
