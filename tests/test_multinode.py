@@ -65,52 +65,43 @@ def actor_ids(dashboard: str) -> set[str]:
     return {a.actor_id for a in list_actors(address=dashboard, limit=10_000, raise_on_missing_output=False)}
 
 
-def test_sppo_across_nodes_sync_then_resumed_async_over_the_collective(ray_cluster, ray_nodes, nodes, tmp_path,
-                                                                      warm_policy_dir):
+def test_sppo_across_nodes_then_resumed_async_while_the_generators_node_dies(ray_cluster, ray_nodes, nodes,
+                                                                             tmp_path, warm_policy_dir):
+    """Sync with the collective transport (gloo across the nodes' processes) to a checkpoint; the same run resumed
+    in async mode with the object store, and the generator's node dies with a request in flight: Ray moves the
+    generator's bundle to a spare node that joined meanwhile, the generator restarts there and is recovered."""
     from actors.driver import Driver
 
+    layout = {"learner": ["learners", "learners"], "generator": ["generators"], "judge": ["services"],
+              "replay_shard": ["services"]}
     before = actor_ids(ray_nodes.dashboard_url)
     cfg = demo_config("sppo", "sync", quick=True, extra=[
         *PINNED, "train.steps=2", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}", "eval.prompts=10",
-        "train.batch_size=16"])
+        "train.batch_size=16", "weight_sync.transport=collective"])
     out = tmp_path / "run"
     first = Driver(cfg, out, log=print).run()
-    assert first["learner_steps"] == 2 and first["rows_lost"] == 0
-    layout = {"learner": ["learners", "learners"], "generator": ["generators"], "judge": ["services"],
-              "replay_shard": ["services"]}
+    assert first["learner_steps"] == 2 and first["rows_lost"] == 0 and first["generator_versions"] == [2]
     assert placed(ray_nodes.dashboard_url, before, nodes) == layout
     print("placed:", layout)
 
-    # the same run continues in async mode, weights over the collective (gloo across the nodes' processes)
     before = actor_ids(ray_nodes.dashboard_url)
-    resumed = Driver(load_config(str(out / "config.yaml"), ["train.steps=4", "mode=async",
-                                                             "weight_sync.transport=collective"]), out).run(resume=True)
-    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 4 and resumed["policy_version"] == 4
-    assert resumed["rows_lost"] == 0 and resumed["generator_versions"] == [4]
-    assert placed(ray_nodes.dashboard_url, before, nodes) == layout
-
-
-def test_a_generator_on_a_node_that_dies_is_restarted_on_a_surviving_node(ray_cluster, ray_nodes, nodes, tmp_path,
-                                                                         warm_policy_dir):
-    cfg = demo_config("sppo", "sync", quick=True, extra=[
-        *PINNED, "train.steps=4", f"model.policy={warm_policy_dir}", "eval.prompts=10", "train.batch_size=16"])
-    out = tmp_path / "node-dies"
-    before = actor_ids(ray_nodes.dashboard_url)
-    driver, thread, result = start_driver(cfg, out)
+    resumed_cfg = load_config(str(out / "config.yaml"), ["train.steps=5", "mode=async",
+                                                          "weight_sync.transport=object_store"])
+    driver, thread, result = start_driver(resumed_cfg, out, resume=True)
     wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
     marker = tmp_path / "generator.held"
     ray_cluster.get(driver.generators[0].hold.remote("request", str(marker), 1), timeout=120)  # its 2nd request
     wait_for(lambda: marker.exists() or not thread.is_alive(), 300, "the generator's second request")
     assert thread.is_alive()
-    # the node dies with the request in flight; a spare node with the generator's resource has joined meanwhile
     nodes["spare"] = ray_nodes.add_node(num_cpus=1, resources={"generator_node": 1}, object_store_memory=300 << 20)
     ray_nodes.remove_node(nodes.pop("generators"), allow_graceful=False)
-    summary = finish(thread, result)
-    assert summary["learner_steps"] == 4 and summary["rows_lost"] == 0
-    assert summary["actor_restarts"]["generator"] == 1 and summary["requests_reissued"] >= 1
-    assert summary["generator_versions"] == [4]  # the restarted generator got the weights again
-    where = placed(ray_nodes.dashboard_url, before, nodes)
-    assert where["generator"] == ["spare"] and where["learner"] == ["learners", "learners"]
+    resumed = finish(thread, result)
+    assert resumed["resumed_from"] == [2] and resumed["learner_steps"] == 5 and resumed["policy_version"] == 5
+    assert resumed["rows_lost"] == 0 and resumed["generator_versions"] == [5]  # the restarted one got the weights
+    assert resumed["actor_restarts"]["generator"] == 1 and resumed["requests_reissued"] >= 1
+    moved = placed(ray_nodes.dashboard_url, before, nodes)
+    assert moved == {**layout, "generator": ["spare"]}
+    print("after the node died:", moved)
 
 
 def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitted_again(

@@ -87,12 +87,12 @@ def test_collective_weight_transport_runs_end_to_end(ray_cluster, tmp_path, warm
 
     demo_yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     cfg = load_config(str(demo_yaml), [
-        "weight_sync.transport=collective", "weight_sync.bucket_mb=1", "train.steps=20", f"mode={mode}",
-        f"model.policy={warm_policy_dir}", "eval.prompts=20", "eval.every=0", "logging.log_every=10",
+        "weight_sync.transport=collective", "weight_sync.bucket_mb=1", "train.steps=8", f"mode={mode}",
+        f"model.policy={warm_policy_dir}", "eval.prompts=10", "eval.every=0", "logging.log_every=4",
         "resources.generator_cpus=0.25"])
     summary = Driver(cfg, tmp_path / f"collective-{mode}", log=print).run()
-    assert summary["learner_steps"] == 20 and summary["weight_syncs"] == 20 and summary["policy_version"] == 20
-    assert summary["generator_versions"] == [20]
+    assert summary["learner_steps"] == 8 and summary["weight_syncs"] == 8 and summary["policy_version"] == 8
+    assert summary["generator_versions"] == [8]
     peaks = summary["peak_rss_mb"]  # each actor process's resident peak: a model and Python at least
     assert len(peaks["generators"]) == 1 and len(peaks["learners"]) == 1
     assert all(100 < mb < 16_000 for mb in peaks["generators"] + peaks["learners"])

@@ -30,14 +30,14 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start_driver(cfg, out: Path):
+def start_driver(cfg, out: Path, resume: bool = False):
     from actors.driver import Driver
 
     driver, result = Driver(cfg, out, log=print), {}
 
     def run():
         try:
-            result["summary"] = driver.run()
+            result["summary"] = driver.run(resume=resume)
         except BaseException as e:  # re-raised by the test
             result["error"] = e
 
