@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from selfplay.placement import PlacementError, check_placement, describe
+from selfplay.placement import ROLES, PlacementError, check_placement, describe
 
 
 @ray.remote(num_cpus=0)
@@ -35,8 +35,9 @@ def cluster_nodes() -> list[dict]:
 
 
 class Placement:
-    def __init__(self, cfg, roles: tuple[str, ...] = ("learner", "generator", "judge", "replay"),
-                 log: Callable[[str], None] = print):
+    """The groups of `roles` (`selfplay.placement.groups`), every one ready, or PlacementError and none left."""
+
+    def __init__(self, cfg, roles: tuple[str, ...] = ROLES, log: Callable[[str], None] = print):
         r = cfg.resources
         if "learner" in roles and r.num_learners > 1 and r.learner_strategy != "STRICT_PACK":
             log(f"[selfplay] warning: resources.learner_strategy {r.learner_strategy}: learner ranks may land on "

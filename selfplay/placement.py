@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from selfplay.config import ConfigError
 
 EPS = 1e-6  # 0.1 × 3 + 0.7 is 1.0000000000000002 in floats
+ROLES = ("learner", "generator", "judge", "replay")
 
 
 class PlacementError(ConfigError):
@@ -57,7 +58,7 @@ def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, flo
     return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}  # Ray refuses an empty bundle
 
 
-def groups(cfg, roles: tuple[str, ...] = ("learner", "generator", "judge", "replay")) -> list[Group]:
+def groups(cfg, roles: tuple[str, ...] = ROLES) -> list[Group]:
     """The placement groups of a run (or of `roles` only), learners first: the hardest to place go first."""
     r = cfg.resources
     out: list[Group] = []
@@ -99,15 +100,18 @@ def group_problem(group: Group, nodes: list[dict]) -> str | None:
     where = f"the nodes labelled {group.labels}" if group.labels else "the cluster"
     if not eligible:
         return f"{group.role}: no node has the labels {group.labels} ({group.key}_labels)"
-    for name in sorted({k for b in group.bundles for k in b} - {k for n in eligible for k in n["resources"]}):
+    missing = sorted({k for b in group.bundles for k in b} - {k for n in eligible for k in n["resources"]})
+    if missing:
+        name = missing[0]
         key = f"{group.key}_{name.lower()}s" if name in ("CPU", "GPU") else f"{group.key}_resources"
         return f"{group.role}: needs the resource {name!r} ({key}), which no node of {where} has"
     biggest = max(eligible, key=lambda n: sum(n["resources"].get(k, 0.0) for k in ("GPU", "CPU")))["resources"]
     if group.strategy == "STRICT_PACK":
         total = group.total()
+        why = "a generator" if group.role.startswith("generator") else f"{group.key}_strategy"
         if not any(_fits(total, n["resources"]) for n in eligible):
             return (f"{group.role}: {len(group.bundles)} bundle(s) {describe(total)} in all must share one node "
-                    f"({'a generator' if group.role.startswith('generator') else group.key + '_strategy'} STRICT_PACK), but no node of {where} has that much (the largest: {describe(biggest)})")
+                    f"({why} STRICT_PACK), but no node of {where} has that much (the largest: {describe(biggest)})")
         return None
     for bundle in group.bundles:
         if not any(_fits(bundle, n["resources"]) for n in eligible):
@@ -128,9 +132,9 @@ def group_problem(group: Group, nodes: list[dict]) -> str | None:
     return None
 
 
-def check_placement(cfg, nodes: list[dict], roles: tuple[str, ...] | None = None) -> list[Group]:
+def check_placement(cfg, nodes: list[dict], roles: tuple[str, ...] = ROLES) -> list[Group]:
     """Raise PlacementError, naming each role that cannot be placed and listing the nodes; return the groups."""
-    planned = groups(cfg) if roles is None else groups(cfg, roles)
+    planned = groups(cfg, roles)
     problems = [p for g in planned if (p := group_problem(g, nodes))]
     if not problems:
         return planned
