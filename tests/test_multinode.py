@@ -35,10 +35,13 @@ ROLES = {"LearnerActor": "learner", "GeneratorActor": "generator", "JudgeActor":
 def nodes(ray_nodes):
     """{name: node} of the three worker nodes, removed again after this module (the test that kills one
     replaces it here)."""
-    added = {
-        "learners": ray_nodes.add_node(num_cpus=2, resources={"learner_node": 2}, object_store_memory=300 << 20),
-        "generators": ray_nodes.add_node(num_cpus=1, resources={"generator_node": 1}, object_store_memory=300 << 20),
-        "services": ray_nodes.add_node(num_cpus=1, resources={"service_node": 2}, object_store_memory=300 << 20),
+    added = {  # started together, waited for once
+        "learners": ray_nodes.add_node(num_cpus=2, resources={"learner_node": 2}, object_store_memory=300 << 20,
+                                       wait=False),
+        "generators": ray_nodes.add_node(num_cpus=1, resources={"generator_node": 1}, object_store_memory=300 << 20,
+                                         wait=False),
+        "services": ray_nodes.add_node(num_cpus=1, resources={"service_node": 2}, object_store_memory=300 << 20,
+                                       wait=False),
     }
     ray_nodes.wait_for_nodes()
     yield added
@@ -85,7 +88,8 @@ def test_sppo_across_nodes_then_resumed_async_while_the_generators_node_dies(ray
     print("placed:", layout)
 
     before = actor_ids(ray_nodes.dashboard_url)
-    resumed_cfg = load_config(str(out / "config.yaml"), ["train.steps=5", "mode=async",
+    # max_reuse=1: every step needs fresh rows, so the run cannot finish while the generator is held
+    resumed_cfg = load_config(str(out / "config.yaml"), ["train.steps=5", "mode=async", "replay.max_reuse=1",
                                                           "weight_sync.transport=object_store"])
     driver, thread, result = start_driver(resumed_cfg, out, resume=True)
     wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
@@ -114,7 +118,7 @@ def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitt
     from actors.driver import Driver
     from deploy import submit as jobs
 
-    overrides = [*PINNED, "train.steps=6", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}",
+    overrides = [*PINNED, "train.steps=4", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}",
                  "eval.prompts=10", "train.batch_size=16", "generation.prompts_per_request=16", "sppo.k=4"]
     straight = Driver(load_config(str(ROOT / "configs/demo.yaml"), overrides), tmp_path / "straight").run()
 
@@ -146,10 +150,10 @@ def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitt
     for key in ("learner_steps", "policy_version", "samples_trained", "rows_lost"):
         assert resumed[key] == straight[key], key
     assert resumed["rows_lost"] == 0
-    a, b = final_weights(tmp_path / "straight", 6), final_weights(out, 6)
+    a, b = final_weights(tmp_path / "straight", 4), final_weights(out, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))  # the steps run again after the checkpoint replaced the killed run's lines
+    assert steps == list(range(1, 5))  # the steps run again after the checkpoint replaced the killed run's lines
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in
                       (".yaml", ".json", ".jsonl"))
     assert "secret-not-in-any-file" not in written  # secrets reach the job's env, never its files

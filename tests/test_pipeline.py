@@ -76,10 +76,10 @@ def test_sapo_and_srpo_run_end_to_end(ray_cluster, tmp_path, algorithm):
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_collective_weight_transport_runs_end_to_end(ray_cluster, tmp_path, warm_policy_dir, mode):
+def test_collective_weight_transport_runs_end_to_end_in_async_mode(ray_cluster, tmp_path, warm_policy_dir):
     """`weight_sync.transport: collective` (a gloo broadcast group here) on the demo config: every push reaches
-    the generator, which ends serving the final version."""
+    the generator, which ends serving the final version. (Sync mode over the collective: test_multinode.py.)"""
+    mode = "async"
     from pathlib import Path
 
     from actors.driver import Driver

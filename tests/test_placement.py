@@ -100,9 +100,10 @@ def test_a_layout_that_waits_on_held_resources_times_out_naming_the_role(ray_clu
 
     from actors.placement import Placement
 
-    free = ray_cluster.available_resources()["CPU"]
-    holder = placement_group([{"CPU": free - 0.5}])  # another job holds all but half a CPU
-    ray_cluster.get(holder.ready(), timeout=60)
+    # another job holds all but half a CPU of the cluster (ready once earlier tests' actors are gone): the replay
+    # shard's group fits in what is left, the learner's, the generator's and the judge's never do
+    holder = placement_group([{"CPU": ray_cluster.cluster_resources()["CPU"] - 0.5}])
+    ray_cluster.get(holder.ready(), timeout=300)
     try:
         cfg = load_config(None, ["resources.placement_timeout_s=2"])
         before = {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
