@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from selfplay.lora import (
 )
 from selfplay.objectives import encode_rows, preference_loss
 from selfplay.recipes import make_recipe
-from selfplay.weights import pack_buckets, write_safetensors
+from selfplay.weights import (
+    bucket_entries,
+    bucket_sizes,
+    checksum,
+    fill_bucket,
+    plan_buckets,
+    write_safetensors,
+)
 
 
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -376,54 +384,61 @@ class LearnerActor:
                 state[name] = p.detach().to("cpu", copy=True).contiguous()
         return state
 
-    def _pack(self, which: str, bucket_bytes: int, bump: bool):
-        """Every rank gathers (a collective under ZeRO-3); rank 0 returns the weights packed as the next version
-        (bump=False: the current version again, for generators joining after a resume), the others None."""
-        state = self.full_state(which)
+    def _buckets(self, which: str, bucket_bytes: int) -> tuple[list[dict], Iterator[torch.Tensor | None]]:
+        """The manifest of `which`, planned without gathering, and an iterator that fills its buckets one at a time
+        (ZeRO-3: each bucket's parameters gathered for its turn only, so no rank ever holds a gathered model).
+        Every rank must run the iterator to its end (the gathers are collectives); rank 0 gets each bucket, on the
+        parameters' device, the others None."""
+        manifest, named = plan_buckets(self._specs(which), bucket_bytes), dict(self._named(which))
+
+        def fill() -> Iterator[torch.Tensor | None]:
+            for entries in bucket_entries(manifest):
+                params = [named[m["name"]] for m in entries]
+                with self._gathered(params):
+                    bucket = fill_bucket(entries, params) if self.rank == 0 else None
+                yield bucket
+
+        return manifest, fill()
+
+    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20, bump: bool = True) -> dict[str, Any] | None:
+        """Put the weights in the object store bucket by bucket, as the next version (bump=False: the current one
+        again, for generators that start after a resume). Collective under ZeRO-3: every rank calls it; rank 0
+        returns {version, manifest, checksums, buckets: [ObjectRef], nbytes}, the others None."""
+        start = time.perf_counter()
+        manifest, buckets = self._buckets(which, bucket_bytes)
+        refs, checksums = [], []
+        for bucket in buckets:
+            if bucket is not None:
+                checksums.append(checksum(bucket))
+                refs.append(ray.put(bucket.cpu()))  # host memory: this bucket and the object store's copy
         if self.rank != 0:
             return None
         self.version += int(bump)
-        return pack_buckets(state, bucket_bytes)
-
-    def publish(self, which: str = "policy", bucket_bytes: int = 64 << 20, bump: bool = True) -> dict[str, Any] | None:
-        """Gather full weights and put them in the object store as buckets. Collective under ZeRO-3: every rank
-        calls it; rank 0 returns {version, manifest, checksums, buckets: [ObjectRef]}, the others None."""
-        start = time.perf_counter()
-        packed = self._pack(which, bucket_bytes, bump)
-        if packed is None:
-            return None
-        published = {
-            "version": self.version,
-            "manifest": packed.manifest,
-            "checksums": packed.checksums,
-            "buckets": [ray.put(b) for b in packed.buckets],
-            "nbytes": packed.nbytes,
-        }
         self._busy_since(start)
-        return published
+        return {"version": self.version, "manifest": manifest, "checksums": checksums, "buckets": refs,
+                "nbytes": sum(bucket_sizes(manifest))}
 
     def open_channel(self, host: str, port: int, rank: int, size: int, backend: str, timeout_s: float) -> bool:
         """Join the weight broadcast group as its sender (rank 0 only)."""
-        from actors.weight_sync import BroadcastChannel, BroadcastSender
+        from actors.weight_sync import BroadcastChannel
 
-        self.sender = BroadcastSender(BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend))
+        self.channel = BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend)
         return True
 
     def publish_broadcast(self, which: str = "policy", bucket_bytes: int = 64 << 20,
                           bump: bool = True) -> dict[str, Any] | None:
-        """Like `publish`, but rank 0 broadcasts the buckets to the generators in a background thread and
-        returns at once; the next train_step runs while generators receive."""
+        """Like `publish`, but rank 0 broadcasts each bucket to the generators as soon as it is filled, while the
+        next one is gathered; returns once every generator has received the last one."""
         start = time.perf_counter()
-        packed = self._pack(which, bucket_bytes, bump)
-        if packed is None:
+        manifest, buckets = self._buckets(which, bucket_bytes)
+        if self.rank != 0:
+            for _ in buckets:  # take part in every gather
+                pass
             return None
-        self.sender.start(self.version, packed)
+        self.version += int(bump)
+        sent = self.channel.send(self.version, manifest, buckets)
         self._busy_since(start)
-        return {"version": self.version, "nbytes": packed.nbytes, "buckets": len(packed.buckets)}
-
-    def wait_broadcast(self, timeout_s: float | None = None) -> bool:
-        self.sender.wait(timeout_s)
-        return True
+        return {"version": self.version, "nbytes": sent, "buckets": len(bucket_sizes(manifest))}
 
     def get_version(self) -> int:
         return self.version

@@ -1,35 +1,41 @@
 """Weight synchronization, learner rank 0 → generators (docs/architecture.md, "Weight sync, step by step").
 
-Two transports, one protocol: rank 0 gathers the full weights (ZeRO-3 included), packs them into buckets
-(`selfplay.weights.pack_buckets`) and publishes (version, manifest, checksums); each generator verifies
-everything before it applies anything, between generation batches.
+Two transports, one protocol, both streamed: the learners gather one bucket of parameters at a time (ZeRO-3
+included: every rank takes part in each gather), rank 0 fills it and sends it, then gathers the next; each
+generator checks the manifest against its model before anything moves, then loads each bucket into its engine as
+it arrives, after that bucket's checksum. Neither side holds more than about two buckets beside its model.
 
-- `object_store` (default, works everywhere): buckets are `ray.put` once and every generator pulls them.
-- `collective`: a broadcast group of rank 0 + all generators, outside the learners' own process group
-  (gloo on CPU, NCCL on GPU). A header (version, manifest, checksums) goes first, then the buckets.
+- `object_store` (default, works everywhere): each bucket is `ray.put` as it is filled and every generator pulls
+  them in order (the object store holds the version until the generators have loaded it).
+- `collective`: a broadcast group of rank 0 + all generators, outside the learners' own process group (gloo on
+  CPU, NCCL on GPU, where buckets go from GPU memory to GPU memory). A header (version, manifest, bucket sizes)
+  goes first, then each bucket and its checksum; one bucket is on the wire while the learners gather the next.
+  The publish returns once every generator has received the last bucket, so generators receive at push time.
 
-`async` mode returns as soon as the update is published — learners go on training while generators apply it;
-`sync` mode waits for every generator to acknowledge. Every wait has a deadline and names the generator.
+`async` mode does not wait for the generators' acknowledgements (the learners' next step is queued behind the
+publish); `sync` mode waits for every one. Every wait has a deadline and names the generator.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
-import queue
-import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import ray
 import torch
 
 from actors.remote import ActorDiedError, get_all, recover
-from selfplay.weights import Packed, WeightSyncError
+from selfplay.weights import WeightSyncError, bucket_sizes, checksum_tensor, verified
 
 
 class BroadcastChannel:
     """A broadcast group (rank 0 sends) built from a TCP store, independent of any default process group."""
+
+    IN_FLIGHT = 2  # buckets posted at once: one on the wire while the next is filled (sender) or loaded (receiver)
 
     def __init__(self, host: str, port: int, rank: int, size: int, name: str = "weights", timeout_s: float = 300.0,
                  backend: str = "gloo"):
@@ -46,63 +52,75 @@ class BroadcastChannel:
             self.device = torch.device("cpu")
         self.rank, self.size = rank, size
 
-    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        t = tensor.to(self.device)
-        self.group.broadcast(t, 0).wait()
-        return t.cpu()
+    def _post(self, *tensors: torch.Tensor) -> list:
+        """Start broadcasting `tensors` (on this channel's device) from rank 0; the works to wait on."""
+        return [self.group.broadcast(t, 0) for t in tensors]
 
-    def send(self, version: int, packed: Packed) -> None:
-        header = json.dumps({"version": version, "manifest": packed.manifest, "checksums": packed.checksums,
-                             "sizes": [b.numel() for b in packed.buckets]}).encode()
-        self._broadcast(torch.tensor([len(header)], dtype=torch.int64))
-        self._broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        for bucket in packed.buckets:
-            self._broadcast(bucket)
+    def _header(self, header: dict | None = None) -> dict:
+        """Send (rank 0) or receive the JSON header, whole, before any bucket."""
+        data = json.dumps(header).encode() if self.rank == 0 else b""
+        length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        self._post(length)[0].wait()
+        raw = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if self.rank == 0
+               else torch.empty(int(length.item()), dtype=torch.uint8, device=self.device))
+        self._post(raw)[0].wait()
+        return header if self.rank == 0 else json.loads(bytes(raw.cpu().numpy()))
 
-    def receive(self) -> tuple[int, list[torch.Tensor], list[dict], list[int]]:
-        length = int(self._broadcast(torch.zeros(1, dtype=torch.int64)).item())
-        header = json.loads(bytes(self._broadcast(torch.zeros(length, dtype=torch.uint8)).numpy()))
-        buckets = [self._broadcast(torch.empty(n, dtype=torch.uint8)) for n in header["sizes"]]
-        return header["version"], buckets, header["manifest"], header["checksums"]
+    def send(self, version: int, manifest: list[dict], buckets: Iterable[torch.Tensor]) -> int:
+        """Header, then each bucket of `buckets` (filled lazily, in manifest order) with its checksum. Returns the
+        bytes sent, once every receiver has the last bucket."""
+        sizes = bucket_sizes(manifest)
+        self._header({"version": version, "manifest": manifest, "sizes": sizes})
+        in_flight: collections.deque = collections.deque()  # (tensors kept alive, works)
+        sent = 0
+        for bucket in buckets:
+            bucket = bucket.to(self.device)
+            tensors = (bucket, checksum_tensor(bucket))
+            in_flight.append((tensors, self._post(*tensors)))
+            sent += bucket.numel()
+            while len(in_flight) >= self.IN_FLIGHT:  # the previous bucket is delivered before the next is filled
+                for work in in_flight.popleft()[1]:
+                    work.wait()
+        for _, works in in_flight:
+            for work in works:
+                work.wait()
+        if sent != sum(sizes):
+            raise WeightSyncError(f"sent {sent} bytes of weights, the manifest announced {sum(sizes)}")
+        return sent
 
+    def receive(self) -> tuple[int, list[dict], list[int], Iterator[torch.Tensor]]:
+        """The header's (version, manifest, bucket sizes) and an iterator of verified buckets. The iterator posts
+        the next bucket's receive before it yields one; closed early (a refused update), it still receives and
+        drops the rest, so the group stays in step with the sender."""
+        header = self._header()
+        return header["version"], header["manifest"], header["sizes"], self._buckets(header["sizes"])
 
-class BroadcastSender:
-    """Rank 0's side of a channel: sends versions in order from a background thread, so the learner's next step
-    is not blocked. `start` never waits for an earlier send: a generator picks up version N only when the driver
-    dispatches its receive, and the driver may itself be waiting on this learner meanwhile (a reference refresh,
-    a step) — blocking here would deadlock the two."""
+    def _buckets(self, sizes: list[int]) -> Iterator[torch.Tensor]:
+        posted: collections.deque = collections.deque()
 
-    def __init__(self, channel: BroadcastChannel):
-        self.channel = channel
-        self._queue: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        threading.Thread(target=self._send_forever, name="weight-broadcast", daemon=True).start()
+        def post(i: int) -> None:
+            bucket = torch.empty(sizes[i], dtype=torch.uint8, device=self.device)
+            check = torch.zeros(1, dtype=torch.int64, device=self.device)
+            posted.append((i, bucket, check, self._post(bucket, check)))
 
-    def _send_forever(self) -> None:
-        while True:
-            version, packed = self._queue.get()
-            try:
-                if self._error is None:  # after a failure nothing more is sent: wait() reports it
-                    self.channel.send(version, packed)
-            except BaseException as e:
-                self._error = e
-            finally:
-                self._queue.task_done()
-
-    def start(self, version: int, packed: Packed) -> None:
-        self._raise_error()
-        self._queue.put((version, packed))
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Until every queued version is sent (or raise the send's error)."""
-        with self._queue.all_tasks_done:
-            if not self._queue.all_tasks_done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout_s):
-                raise TimeoutError(f"weight broadcast still running after {timeout_s}s")
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:  # the channel is broken: every later send or wait says so
-            raise WeightSyncError(f"weight broadcast failed: {self._error}") from self._error
+        following = 0
+        try:
+            while posted or following < len(sizes):
+                while len(posted) < self.IN_FLIGHT and following < len(sizes):
+                    post(following)
+                    following += 1
+                i, bucket, check, works = posted.popleft()
+                for work in works:
+                    work.wait()
+                yield verified(i, bucket, int(check.item()))
+        finally:  # the sender goes on to the end: receive what is left (one bucket at a time) and drop it
+            for i in range(following, len(sizes) + 1):
+                for *_, works in posted:
+                    for work in works:
+                        work.wait()
+                posted.clear()
+                if i < len(sizes):
+                    post(i)
 
 
 @dataclass
@@ -165,6 +183,8 @@ class WeightSync:
         method = "publish" if self.transport == "object_store" else "publish_broadcast"
         push = Push(self.latest_version, time.perf_counter(),
                     publishing=self.learners.call_async(method, self.which, self.bucket_bytes, not republish))
+        if self.transport == "collective":  # the broadcast needs every receiver: they join now, in queue order
+            push.acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
         self.pending.append(push)
         if self.mode == "sync":
             self.wait()
@@ -175,7 +195,8 @@ class WeightSync:
         return [r for p in self.pending if p.publishing for r in p.publishing]
 
     def _dispatch(self, push: Push, timeout_s: float) -> None:
-        """Rank 0 has published: send every generator its load (or receive) call."""
+        """Rank 0 has published: check its version; object store: send every generator its load call (collective:
+        their receive calls went out with the publish)."""
         pub = get_all(dict(enumerate(push.publishing)), timeout_s, f"publish v{push.version}", "learner rank")[0]
         if pub["version"] != push.version:
             raise WeightSyncError(f"learner rank 0 published version {pub['version']}, expected {push.version}")
@@ -183,8 +204,6 @@ class WeightSync:
             push.acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
                          for i, g in enumerate(self.generators)}
             self.last_published = pub
-        else:
-            push.acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
         push.publishing, push.nbytes = None, pub["nbytes"]
 
     def poll(self) -> list[int]:

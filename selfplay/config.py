@@ -71,6 +71,9 @@ class GenerationConfig:
     max_new_tokens: int = 24
     prompts_per_request: int = 8  # prompts in one generator call (each yields one judge group)
     gpu_memory_utilization: float = 0.2  # vLLM only; on CPU it is the share of RAM kept for the KV cache
+    # vLLM only: the longest sequence (prompt + response tokens) the engine serves; null: the model's own limit
+    # (32,768 for Mistral-7B). Set it to what the prompts need: the KV cache must hold one sequence of this length
+    max_model_len: int | None = None
 
 
 @dataclass
@@ -510,6 +513,10 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
     check(0 < cfg.generation.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization",
           "must be in (0, 1]")
+    check(cfg.generation.max_model_len is None or cfg.generation.max_model_len > cfg.generation.max_new_tokens,
+          "generation.max_model_len", "must be > generation.max_new_tokens (a sequence is the prompt and the response)")
+    check(cfg.generation.max_model_len is None or cfg.generation.backend == "vllm", "generation.max_model_len",
+          "is for generation.backend vllm")
 
     check(cfg.judge.kind != "pairrm" or bool(cfg.judge.path), "judge.path",
           "is required for the pairrm judge (e.g. llm-blender/PairRM-hf or a local directory)")

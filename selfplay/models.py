@@ -87,6 +87,31 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return model.eval()
 
 
+def causal_lm_skeleton(path: str, dtype: str = "float32", trust_remote_code: bool = False, tokenizer=None,
+                       seed: int = 0) -> torch.nn.Module:
+    """The model's modules with their parameters on the meta device: every name, shape and dtype, no weights (no
+    memory; only config.json is read). What a generator checks a weight update against, without a second copy of
+    the model beside its engine's. A LoRA adapter directory gives its base model's skeleton."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    path = adapter_base(path) or path
+    if path == TINY:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(TINY, seed=seed)
+        from selfplay.tiny import build_model
+
+        with torch.device("meta"):
+            return build_model(tokenizer, seed).to(DTYPES[dtype])
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: cannot read the model's config: {_first_line(e)}") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+
+
 def adapter_base(path: str) -> str | None:
     """The base model of a PEFT LoRA adapter directory (adapter_config.json, no config.json), else None."""
     local = Path(path).expanduser()

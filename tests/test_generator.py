@@ -39,6 +39,12 @@ def noised(state, seed, scale=0.05):
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
+def greedy(gen):
+    import ray
+
+    return [r["samples"][0]["token_ids"] for r in ray.get(gen.sample.remote(PROMPTS, k=1, temperature=0.0))]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_k_responses_reproducible_with_seed(generators, backend):
     import ray
@@ -61,10 +67,6 @@ def test_vllm_greedy_equals_hf_greedy_before_and_after_a_weight_load(generators)
     import ray
 
     hf, vl = generators["hf"], generators["vllm"]
-
-    def greedy(gen):
-        return [r["samples"][0]["token_ids"] for r in ray.get(gen.sample.remote(PROMPTS, k=1, temperature=0.0))]
-
     before = greedy(hf)
     assert greedy(vl) == before
     version = ray.get(hf.version.remote()) + 1
@@ -77,28 +79,44 @@ def test_vllm_greedy_equals_hf_greedy_before_and_after_a_weight_load(generators)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupted_or_mismatched_update_is_refused_and_old_version_serves(generators, backend):
+def test_a_bad_update_is_refused_and_a_mix_of_versions_is_never_served(generators, backend):
     import ray
 
     gen = generators[backend]
+    index = ray.get(gen.stats.remote())["index"]
     hf_state = ray.get(generators["hf"].weights.remote())
     version = ray.get(gen.version.remote())
-    before = ray.get(gen.sample.remote(PROMPTS, k=1, temperature=0.0))
+    before = greedy(gen)
     packed = pack_buckets(noised(hf_state, seed=99), bucket_bytes=300_000)
-    bad = [b.clone() for b in packed.buckets]
-    bad[1][10] ^= 0xFF  # one flipped byte in transit
-    with pytest.raises(WeightSyncError, match="bucket 1: checksum mismatch"):
-        ray.get(gen.load_weights.remote(version + 1, bad, packed.manifest, packed.checksums))
-    wrong = {**hf_state, "model.norm.weight": torch.ones(7)}
-    p2 = pack_buckets(wrong)
+    assert len(packed.buckets) >= 3
+
+    def load(v, buckets, p=packed):
+        return ray.get(gen.load_weights.remote(v, buckets, p.manifest, p.checksums))
+
+    def corrupted(i):
+        bad = [b.clone() for b in packed.buckets]
+        bad[i][10] ^= 0xFF  # one flipped byte in transit
+        return bad
+
+    # refused before the engine changes: a bad first bucket, a manifest that is not this model's, an old version
+    with pytest.raises(WeightSyncError, match="still serving .*bucket 0: checksum mismatch"):
+        load(version + 1, corrupted(0))
+    wrong = pack_buckets({**hf_state, "model.norm.weight": torch.ones(7)})
     with pytest.raises(WeightSyncError, match="model.norm.weight"):
-        ray.get(gen.load_weights.remote(version + 1, p2.buckets, p2.manifest, p2.checksums))
+        load(version + 1, wrong.buckets, wrong)
     with pytest.raises(WeightSyncError, match="not newer"):
-        ray.get(gen.load_weights.remote(version, packed.buckets, packed.manifest, packed.checksums))
-    assert ray.get(gen.version.remote()) == version
-    after = ray.get(gen.sample.remote(PROMPTS, k=1, temperature=0.0))
-    assert [r["samples"] for r in after] == [r["samples"] for r in before]
-    assert ray.get(gen.stats.remote())["weight_refusals"] >= 2
+        load(version, packed.buckets)
+    assert ray.get(gen.version.remote()) == version and greedy(gen) == before
+    # a bad bucket after others were loaded: the engine holds a mix of two versions, and serves nothing
+    with pytest.raises(WeightSyncError, match="bucket 1: checksum mismatch.*serves no request"):
+        load(version + 1, corrupted(1))
+    with pytest.raises(WeightSyncError, match=f"generator {index}: weight version {version + 1} failed while loading"):
+        greedy(gen)
+    # until a complete version has loaded (the hf generator's weights: both backends must then answer as it does)
+    same = pack_buckets(hf_state, bucket_bytes=300_000)
+    assert load(version + 1, same.buckets, same) == version + 1
+    assert greedy(gen) == greedy(generators["hf"])
+    assert ray.get(gen.stats.remote())["weight_refusals"] >= 4
 
 
 def test_a_restarted_generator_serves_nothing_until_it_has_the_current_weights(ray_cluster, warm_policy_dir):

@@ -1,8 +1,9 @@
 """Generation backends behind one small interface. Adding one (e.g. SGLang) is one file with these methods:
 
     generate(prompt_ids, *, num_samples, temperature, top_p, max_new_tokens, seed) -> list[list[Completion]]
-    load_weights(state: {name: tensor})        # full weights of the same architecture (with `lora`: the policy
-                                               # adapter, PEFT's saved names), applied in place
+    load_weights(named: iterable of (name, tensor))  # full weights of the same architecture (with `lora`: the
+                                               # policy adapter, PEFT's saved names), applied in place as the
+                                               # iterator yields them (a streamed update arrives bucket by bucket)
     param_specs() -> {name: (shape, dtype)}    # what load_weights accepts, for manifest checks
 
 Backends work on token ids: prompts are tokenized once, by our tokenizer, whatever the engine.

@@ -3,6 +3,8 @@ model carries the policy adapter (PEFT) over the initial weights, and a weight u
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from selfplay.generation import Completion, generate_ids
@@ -22,8 +24,18 @@ class HFBackend:
             self.model = with_adapters(self.model, self.lora)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
-    def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list[Completion]]:
-        return generate_ids(self.model, self.tokenizer, prompt_ids, **sampling)
+    def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int | list[int] = 32,
+                 **sampling) -> list[list[Completion]]:
+        """`max_new_tokens` may differ per request: one `generate` per distinct value."""
+        if not isinstance(max_new_tokens, list):
+            return generate_ids(self.model, self.tokenizer, prompt_ids, max_new_tokens=max_new_tokens, **sampling)
+        out: list[list[Completion]] = [[] for _ in prompt_ids]
+        for limit in sorted(set(max_new_tokens)):
+            idx = [i for i, n in enumerate(max_new_tokens) if n == limit]
+            for i, completions in zip(idx, generate_ids(self.model, self.tokenizer, [prompt_ids[i] for i in idx],
+                                                        max_new_tokens=limit, **sampling)):
+                out[i] = completions
+        return out
 
     def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
         """What a weight update replaces: every parameter, or with LoRA the policy adapter's (PEFT's saved names)."""
@@ -33,9 +45,9 @@ class HFBackend:
         return {n: (tuple(p.shape), p.dtype) for n, p in self._named()}
 
     @torch.no_grad()
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self._named())
-        for name, tensor in state.items():
+        for name, tensor in named:
             params[name].copy_(tensor)
 
     def state(self) -> dict[str, torch.Tensor]:

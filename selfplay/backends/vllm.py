@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
-                 lora=None, tensor_parallel_size: int = 1, **_ignored):
+                 lora=None, tensor_parallel_size: int = 1, sampling_seed: int | None = None, **_ignored):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
@@ -63,8 +64,12 @@ class VLLMBackend:
         on_gpu = torch.cuda.is_available()
         lora_options = {"enable_lora": True, "max_loras": 1,
                         "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= self.lora.rank)} if self.lora else {}
+        self.tensor_parallel_size = tensor_parallel_size
+        # one seeded sampler per engine: unseeded requests are reproducible for a given order of calls without
+        # per-request seeds (which move vLLM to its slower per-row sampling path)
         self.llm = LLM(
-            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed if sampling_seed is None else sampling_seed,
+            trust_remote_code=trust_remote_code,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enforce_eager=not on_gpu,  # no CUDA graphs to capture on CPU
             # tensor parallel: Ray workers in the GPU bundles of this generator's placement group (actors.placement)
@@ -72,34 +77,40 @@ class VLLMBackend:
             distributed_executor_backend="ray" if tensor_parallel_size > 1 else None,
             **lora_options,
         )
-        # names and shapes as the checkpoint has them (what load_weights accepts), read once from the config
-        from selfplay.models import load_causal_lm
+        # names, shapes and dtypes as the checkpoint has them (what load_weights accepts), from a meta-device
+        # skeleton: nothing but config.json is read, and no second copy of the model is made beside the engine's
+        from selfplay.models import causal_lm_skeleton
 
-        reference = load_causal_lm(model_path, dtype, trust_remote_code, tokenizer, seed)
+        skeleton = causal_lm_skeleton(model_path, dtype, trust_remote_code, tokenizer, seed)
         if self.lora:  # what a push carries: the policy adapter, and its adapter_config.json
             from selfplay.lora import adapter_specs, with_adapters
 
-            reference = with_adapters(reference, self.lora)
-            self._specs = adapter_specs(reference)
-            self._adapter_config = reference.peft_config["default"]
+            with torch.device("meta"):
+                skeleton = with_adapters(skeleton, self.lora)
+            self._specs = adapter_specs(skeleton)
+            self._adapter_config = skeleton.peft_config["default"]
             self._adapter_config.base_model_name_or_path = model_path
             self._adapters = tempfile.TemporaryDirectory(prefix="selfplay-lora-")
             self._lora_request = None  # none: the base (= the untrained adapter, B = 0)
         else:
-            self._specs = {n: (tuple(p.shape), p.dtype) for n, p in reference.named_parameters()}
+            self._specs = {n: (tuple(p.shape), p.dtype) for n, p in skeleton.named_parameters()}
 
     def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
-                 top_p: float = 1.0, max_new_tokens: int = 32, seed: int | None = None,
+                 top_p: float = 1.0, max_new_tokens: int | list[int] = 32, seed: int | None = None,
                  **_ignored) -> list[list[Completion]]:
+        """One engine call for every request; `max_new_tokens` may differ per request (SAPO's segments). With a
+        `seed`, request i is seeded with seed + i (reproducible whatever else the engine runs); without, the
+        engine's own seeded sampler draws."""
         from vllm import SamplingParams
 
         eos = self.tokenizer.eos_token_id
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         params = [
             SamplingParams(n=num_samples, temperature=max(temperature, 0.0), top_p=top_p if temperature > 0 else 1.0,
-                           max_tokens=max_new_tokens, seed=None if seed is None else seed + i,
+                           max_tokens=limit, seed=None if seed is None else seed + i,
                            stop_token_ids=[eos], detokenize=False)
-            for i in range(len(requests))
+            for i, limit in enumerate(limits)
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=False,
                                     lora_request=self._lora_request if self.lora else None)
@@ -119,12 +130,14 @@ class VLLMBackend:
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._specs)
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Into the live engine as the iterator yields: vLLM's reload loads layer by layer and processes each layer
+        once its tensors are in, so a streamed update never needs the whole model staged. Tensor-parallel engines
+        run their workers in other processes: the update is collected first and sent to them whole."""
         if self.lora:
-            self._load_adapter(state)
+            self._load_adapter(dict(named))
             return
-        named = [(n, t) for n, t in state.items()]
-        self.llm.collective_rpc(_reload_weights, args=(named,))
+        self.llm.collective_rpc(_reload_weights, args=(named if self.tensor_parallel_size == 1 else list(named),))
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     def _load_adapter(self, state: dict[str, torch.Tensor]) -> None:
