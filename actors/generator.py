@@ -194,7 +194,7 @@ class GeneratorActor:
 
     def receive_weights(self) -> int:
         """Receive one broadcast update, loading each bucket into the engine as it arrives (see `load_weights`)."""
-        version, manifest, sizes, buckets = self.channel.receive()
+        version, manifest, sizes, buckets = self.channel.receive(reuse_buffers=self.backend.copies_on_load)
         return self._apply(version, manifest, sizes, buckets)
 
     def load_weights(self, version: int, buckets: list, manifest: list[dict], checksums: list[int]) -> int:

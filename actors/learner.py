@@ -384,18 +384,23 @@ class LearnerActor:
                 state[name] = p.detach().to("cpu", copy=True).contiguous()
         return state
 
-    def _buckets(self, which: str, bucket_bytes: int) -> tuple[list[dict], Iterator[torch.Tensor | None]]:
+    def _buckets(self, which: str, bucket_bytes: int, buffers: int) -> tuple[list[dict], Iterator[torch.Tensor | None]]:
         """The manifest of `which`, planned without gathering, and an iterator that fills its buckets one at a time
         (ZeRO-3: each bucket's parameters gathered for its turn only, so no rank ever holds a gathered model).
         Every rank must run the iterator to its end (the gathers are collectives); rank 0 gets each bucket, on the
-        parameters' device, the others None."""
+        parameters' device, the others None. Buckets take turns in `buffers` reused buffers (the consumer must be
+        done with a bucket `buffers` buckets later); 0: each bucket is a tensor of its own."""
         manifest, named = plan_buckets(self._specs(which), bucket_bytes), dict(self._named(which))
+        largest, pool = max(bucket_sizes(manifest), default=0), []
 
         def fill() -> Iterator[torch.Tensor | None]:
-            for entries in bucket_entries(manifest):
+            for i, entries in enumerate(bucket_entries(manifest)):
                 params = [named[m["name"]] for m in entries]
                 with self._gathered(params):
-                    bucket = fill_bucket(entries, params) if self.rank == 0 else None
+                    if self.rank == 0 and len(pool) < buffers:
+                        pool.append(torch.empty(largest, dtype=torch.uint8, device=params[0].device))
+                    bucket = fill_bucket(entries, params, buffer=pool[i % buffers] if buffers else None) \
+                        if self.rank == 0 else None
                 yield bucket
 
         return manifest, fill()
@@ -405,7 +410,8 @@ class LearnerActor:
         again, for generators that start after a resume). Collective under ZeRO-3: every rank calls it; rank 0
         returns {version, manifest, checksums, buckets: [ObjectRef], nbytes}, the others None."""
         start = time.perf_counter()
-        manifest, buckets = self._buckets(which, bucket_bytes)
+        # own tensors: ray.put of a view into a larger buffer would serialize the whole buffer
+        manifest, buckets = self._buckets(which, bucket_bytes, buffers=0)
         refs, checksums = [], []
         for bucket in buckets:
             if bucket is not None:
@@ -430,7 +436,9 @@ class LearnerActor:
         """Like `publish`, but rank 0 broadcasts each bucket to the generators as soon as it is filled, while the
         next one is gathered; returns once every generator has received the last one."""
         start = time.perf_counter()
-        manifest, buckets = self._buckets(which, bucket_bytes)
+        from actors.weight_sync import BroadcastChannel
+
+        manifest, buckets = self._buckets(which, bucket_bytes, buffers=BroadcastChannel.IN_FLIGHT)
         if self.rank != 0:
             for _ in buckets:  # take part in every gather
                 pass

@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="win rate of policy A vs policy B on held-out prompts (table + JSON)")
     _add_config_args(p)
     p.add_argument("--policy-a", required=True, help="checkpoint directory, hub id, or 'tiny' (random init)")
-    p.add_argument("--policy-b", required=True, help="the opponent, same forms as --policy-a")
+    p.add_argument("--policy-b", help="the opponent, same forms as --policy-a (not with --export)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
+                   help="write policy A's answers instead of judging: alpaca_eval → DIR/model_outputs.json "
+                        "(instruction, output, generator), for alpaca_eval --model_outputs")
+    p.add_argument("--generator", help="--export: the model's name in the outputs (default: policy A's directory name)")
     p.add_argument("--revisions", type=int, default=0,
                    help="SRPO inference: N rounds of self-revision before judging (default 0)")
     p.add_argument("--prompts", type=int, help="number of held-out prompts (default: task.eval_size)")
@@ -390,6 +394,11 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.revisions < 0:
         raise UsageError(f"--revisions must be >= 0, got {args.revisions}")
+    if args.export and args.export[0] not in EXPORT_FORMATS:
+        raise UsageError(f"--export {args.export[0]}: unknown format; use one of {', '.join(EXPORT_FORMATS)}")
+    if bool(args.export) == bool(args.policy_b):
+        raise UsageError("give --policy-b (a head-to-head) or --export FORMAT DIR (policy A's answers), not both"
+                         if args.export else "give --policy-b, the opponent (or --export FORMAT DIR)")
     task = None
     if cfg.task.name in PROMPT_SETS:
         prompts = load_task_prompts(cfg.task)
@@ -397,11 +406,13 @@ def cmd_eval(args) -> int:
         task = make_task(cfg.task.name, min_items=cfg.task.min_items, max_items=cfg.task.max_items)
         prompts = task.prompts("eval", cfg.task.eval_size, seed=cfg.seed)
     prompts = prompts[: args.prompts] if args.prompts else prompts
+    sampling = dict(max_new_tokens=cfg.generation.max_new_tokens,
+                    temperature=0.0 if args.greedy else cfg.generation.temperature, top_p=cfg.generation.top_p)
+    if args.export:
+        return _export(args, cfg, prompts, sampling)
     judge = make_judge(cfg.judge, cfg.task)
     models = [load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=p), cfg.seed)
               for p in (args.policy_a, args.policy_b)]
-    sampling = dict(max_new_tokens=cfg.generation.max_new_tokens,
-                    temperature=0.0 if args.greedy else cfg.generation.temperature, top_p=cfg.generation.top_p)
     t0 = time.perf_counter()
     result = head_to_head(models[0][0], models[1][0], models[0][1], models[1][1], prompts, judge, seed=cfg.seed,
                           task=task, revisions=args.revisions, template=cfg.srpo.revision_template, **sampling)
@@ -419,6 +430,31 @@ def cmd_eval(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+EXPORT_FORMATS = ("alpaca_eval",)
+
+
+def _export(args, cfg, prompts, sampling) -> int:
+    """Policy A's answers (the last SRPO revision with --revisions) in AlpacaEval's model_outputs.json."""
+    import dataclasses
+
+    from selfplay.evaluate import alpaca_eval_outputs, answer
+    from selfplay.models import load_policy_and_tokenizer
+
+    model, tokenizer = load_policy_and_tokenizer(dataclasses.replace(cfg.model, policy=args.policy_a), cfg.seed)
+    generator = args.generator or Path(args.policy_a.rstrip("/")).name
+    t0 = time.perf_counter()
+    texts = answer(model, tokenizer, prompts, revisions=args.revisions, template=cfg.srpo.revision_template,
+                   seed=cfg.seed, **sampling).texts
+    out = Path(args.export[1]) / "model_outputs.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")  # a reader never sees half a file
+    partial.write_text(json.dumps(alpaca_eval_outputs(prompts, texts, generator), indent=2, ensure_ascii=False))
+    partial.replace(out)
+    print(f"wrote {len(texts)} answers of {generator} to {out} ({time.perf_counter() - t0:.0f}s); score them with: "
+          f"alpaca_eval --model_outputs {out}")
     return 0
 
 

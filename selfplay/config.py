@@ -208,7 +208,8 @@ class LoggingConfig:
 @dataclass
 class WeightSyncConfig:
     transport: Literal["object_store", "collective"] = "object_store"  # collective: a broadcast group (gloo/NCCL)
-    bucket_mb: int = 64  # weights travel as buckets of this many MiB, not one message per tensor
+    # weights travel as buckets of this many MiB, streamed: sender and receivers each hold ~2 beside the model
+    bucket_mb: int = 64
 
 
 @dataclass

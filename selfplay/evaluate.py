@@ -36,6 +36,14 @@ def answer(model, tokenizer, prompts: list[Prompt], *, revisions: int = 0, templ
     return Answers(texts, score)
 
 
+def alpaca_eval_outputs(prompts: list[Prompt], answers: list[str], generator: str) -> list[dict[str, str]]:
+    """AlpacaEval's `model_outputs.json` records: the instruction as asked, the model's answer, the model's name
+    (alpaca_eval matches them to its references by instruction)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    return [{"instruction": p.text, "output": a, "generator": generator} for p, a in zip(prompts, answers)]
+
+
 def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[str, float]:
     """Mean P(a ≻ b) with its standard error, and the wins/ties/losses behind it. Comparisons the judge could not
     score (NaN / inf / outside [0, 1]) are left out and counted in `invalid`, so one bad score cannot make the

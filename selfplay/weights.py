@@ -18,6 +18,7 @@ import torch
 DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                torch.int32, torch.uint8, torch.bool)}
 ALIGN = 8  # every tensor starts 8-byte aligned (any dtype views in place) and every bucket is whole 8-byte words
+MIN_BUCKETS = 4  # a streamed push overlaps filling, sending and loading only across buckets: never fewer than this
 
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -57,13 +58,16 @@ def checksum(bucket: torch.Tensor) -> int:
 
 
 def plan_buckets(specs: Specs, bucket_bytes: int = 64 << 20) -> list[dict]:
-    """The manifest for `specs` {name: (shape, dtype)} in their order: buckets of about `bucket_bytes` (a tensor
-    larger than that gets a bucket of its own), each entry {name, shape, dtype, bucket, offset, nbytes}."""
+    """The manifest for `specs` {name: (shape, dtype)} in their order: buckets of about `bucket_bytes`, or of a
+    `MIN_BUCKETS`th of the model if that is less (a tensor larger than a bucket gets one of its own), each entry
+    {name, shape, dtype, bucket, offset, nbytes}."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    sizes = {name: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for name, (shape, dtype) in specs.items()}
+    bucket_bytes = min(bucket_bytes, max(1, sum(sizes.values()) // MIN_BUCKETS))
     manifest, bucket, offset = [], 0, 0
     for name, (shape, dtype) in specs.items():
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = sizes[name]
         if offset and offset + n > bucket_bytes:
             bucket, offset = bucket + 1, 0
         manifest.append({"name": name, "shape": list(shape), "dtype": str(dtype), "bucket": bucket,
@@ -87,15 +91,20 @@ def bucket_sizes(manifest: list[dict]) -> list[int]:
             for entries in bucket_entries(manifest)]
 
 
-def fill_bucket(entries: list[dict], tensors: Iterable[torch.Tensor], device=None) -> torch.Tensor:
-    """One bucket: the bytes of `tensors` (one per entry, on any device) at their offsets, on `device` (default:
-    the first tensor's), in a fresh 1-D uint8 tensor."""
+def fill_bucket(entries: list[dict], tensors: Iterable[torch.Tensor], device=None,
+                buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One bucket: the bytes of `tensors` (one per entry, on any device) at their offsets, in the front of
+    `buffer` (1-D uint8, reused: fresh host memory costs a page fault per 4 KiB) or else in a new tensor on
+    `device` (default: the first tensor's)."""
     out = None
     for m, t in zip(entries, tensors, strict=True):
         if out is None:
             size = _aligned(entries[-1]["offset"] + entries[-1]["nbytes"])
-            out = torch.zeros(size, dtype=torch.uint8, device=device or t.device)
-        out[m["offset"] : m["offset"] + m["nbytes"]].copy_(_bytes_of(t))
+            out = buffer[:size] if buffer is not None else torch.empty(size, dtype=torch.uint8,
+                                                                       device=device or t.device)
+        end = m["offset"] + m["nbytes"]
+        out[m["offset"] : end].copy_(_bytes_of(t))
+        out[end : _aligned(end)] = 0  # alignment padding: defined bytes, so a bucket's checksum is reproducible
     return out if out is not None else torch.empty(0, dtype=torch.uint8, device=device)
 
 

@@ -119,6 +119,10 @@ CASES = [
                         "--train-seconds", "1", "--batch", "8"], {}, "--gpus must be > 0, got 0"),
     ("eval-negative-revisions", ["eval", "--policy-a", "tiny", "--policy-b", "tiny", "--revisions", "-1"], {},
      "--revisions must be >= 0, got -1"),
+    ("eval-without-opponent", ["eval", "--policy-a", "tiny"], {},
+     "give --policy-b, the opponent (or --export FORMAT DIR)"),
+    ("eval-export-unknown-format", ["eval", "--policy-a", "tiny", "--export", "mt_bench", "{d}/x"], {},
+     "--export mt_bench: unknown format; use one of alpaca_eval"),
     ("submit-env-without-value", ["submit", "--env", "WANDB_MODE", "--", "selfplay", "demo"], {},
      "--env 'WANDB_MODE': expected KEY=VALUE"),
 ]

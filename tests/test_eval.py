@@ -37,3 +37,23 @@ def test_eval_with_srpo_revisions_and_pairrm(tmp_path, warm_policy_dir, pairrm_d
 def test_eval_bad_arguments(tmp_path, capsys):
     assert main(["eval", "--policy-a", str(tmp_path / "missing"), "--policy-b", "tiny"]) == 2
     assert "cannot load tokenizer" in capsys.readouterr().err
+
+
+def test_export_alpaca_eval_writes_the_policys_answers_in_model_outputs_format(tmp_path, warm_policy_dir, capsys):
+    from selfplay.evaluate import alpaca_eval_outputs
+    from selfplay.tasks import Prompt
+
+    prompts = [{"prompt": f"Sort ascending: {i} {i % 5} {i % 3}"} for i in range(6)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    out = tmp_path / "alpaca"
+    assert main(["eval", "--policy-a", str(warm_policy_dir), "--export", "alpaca_eval", str(out), "--greedy",
+                 "--set", "task.name=file", "--set", f"task.path={tmp_path / 'prompts.jsonl'}",
+                 "--set", "judge.kind=pairrm", "--set", "judge.path=unused"]) == 0
+    records = json.loads((out / "model_outputs.json").read_text())
+    assert [set(r) for r in records] == [{"instruction", "output", "generator"}] * 6
+    assert [r["instruction"] for r in records] == [p["prompt"] for p in prompts]  # as asked, in order
+    assert {r["generator"] for r in records} == {warm_policy_dir.name}
+    assert all(isinstance(r["output"], str) for r in records) and any(r["output"] for r in records)
+    assert "alpaca_eval --model_outputs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        alpaca_eval_outputs([Prompt("a", "x"), Prompt("b", "y")], ["only one"], "m")

@@ -5,6 +5,7 @@
                                                # policy adapter, PEFT's saved names), applied in place as the
                                                # iterator yields them (a streamed update arrives bucket by bucket)
     param_specs() -> {name: (shape, dtype)}    # what load_weights accepts, for manifest checks
+    copies_on_load: bool                       # load_weights is done with each tensor before it takes the next
 
 Backends work on token ids: prompts are tokenized once, by our tokenizer, whatever the engine.
 """

@@ -45,6 +45,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as
 
 class VLLMBackend:
     name = "vllm"
+    copies_on_load = False  # vLLM keeps a layer's loaded tensors until the layer is complete
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
