@@ -24,8 +24,9 @@ def setup(ray_cluster, warm_policy_dir):
         ray_cluster.kill(g)
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
-@pytest.mark.parametrize("mode", ["sync", "async"])
+# the collective in async mode: receivers dispatched with the publish, the learners' next step queued behind it
+@pytest.mark.parametrize(("transport", "mode"), [("object_store", "sync"), ("object_store", "async"),
+                                                ("collective", "async")])
 def test_generators_receive_learner_weights_bit_for_bit(setup, transport, mode):
     import ray
 
