@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (about 10 minutes on one GPU): the `gpu`-marked tests (learners
-# with every model on the GPU: ZeRO-3, bf16, each algorithm) and the vLLM generator tests, which use the GPU
+# with every model on the GPU: ZeRO-3, bf16, each algorithm; with 2 GPUs, streamed NCCL weight sync from GPU memory
+# to GPU memory) and the vLLM generator tests (the live reload of streamed buckets among them), which use the GPU
 # build of vLLM where one is installed. On a machine without CUDA every test here is skipped, saying why.
 #   scripts/gpu-check.sh            # from the repository root, after `make setup`
 set -euo pipefail

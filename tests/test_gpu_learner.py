@@ -36,3 +36,33 @@ def test_zero3_bf16_step_keeps_every_model_on_the_gpu(ray_cluster, algorithm, lo
         assert published["version"] == 1 and published["nbytes"] > 0
     finally:
         group.shutdown()
+
+
+def test_streamed_nccl_sync_goes_from_learner_gpu_memory_to_generator_gpu_memory_bit_for_bit(ray_cluster,
+                                                                                          warm_policy_dir):
+    """The collective transport on GPUs: rank 0 fills each bucket on its GPU and broadcasts it over NCCL, the
+    generator receives it into GPU memory and loads it there. NCCL needs the two on different devices."""
+    import ray
+    import torch
+
+    from actors.generator import GeneratorActor
+    from actors.learner import LearnerGroup
+    from actors.weight_sync import WeightSync
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs (NCCL ranks on distinct devices); this machine has {torch.cuda.device_count()}")
+    cfg = load_config(None, ["train.batch_size=4", "resources.learner_gpus=1", "resources.generator_gpus=1",
+                             f"model.policy={warm_policy_dir}", "weight_sync.transport=collective"])
+    group = LearnerGroup(cfg, num_cpus=1, num_gpus=1)
+    gen = GeneratorActor.options(num_cpus=1, num_gpus=1).remote(cfg.to_dict(), None, 0)
+    try:
+        sync = WeightSync(group, [gen], transport="collective", mode="sync", bucket_bytes=200_000, timeout_s=300)
+        assert sync.transport == "collective"
+        group.train_step(pairs(4))
+        push = sync.push()
+        want, got = group.full_state(), ray.get(gen.weights.remote())
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert ray.get(gen.version.remote()) == push.version == 1
+    finally:
+        group.shutdown()
+        ray.kill(gen)
