@@ -96,9 +96,11 @@ class BroadcastChannel:
         consumer that has copied every tensor of a bucket before it draws the next; otherwise each bucket is new
         memory that lives as long as views of it do (vLLM keeps a layer's tensors until the layer is complete)."""
         header = self._header()
-        return header["version"], header["manifest"], header["sizes"], self._buckets(header["sizes"], reuse_buffers)
+        buckets = self._buckets(header["sizes"], reuse_buffers)
+        next(buckets)  # started: closed from here on, even before its first bucket is drawn, it drains the rest
+        return header["version"], header["manifest"], header["sizes"], buckets
 
-    def _buckets(self, sizes: list[int], reuse_buffers: bool) -> Iterator[torch.Tensor]:
+    def _buckets(self, sizes: list[int], reuse_buffers: bool) -> Iterator[torch.Tensor | None]:
         posted: collections.deque = collections.deque()
         pool = [torch.empty(max(sizes, default=0), dtype=torch.uint8, device=self.device)
                 for _ in range(self.IN_FLIGHT if reuse_buffers else 0)]
@@ -111,6 +113,7 @@ class BroadcastChannel:
 
         following = 0
         try:
+            yield None  # the priming step of `receive`
             while posted or following < len(sizes):
                 while len(posted) < self.IN_FLIGHT and following < len(sizes):
                     post(following)

@@ -57,3 +57,43 @@ def test_a_manifest_that_lies_about_sizes_or_bounds_is_refused():
         check_manifest(bad)
     with pytest.raises(WeightSyncError, match="beyond bucket 0"):
         check_manifest(packed.manifest, sizes=[16])
+
+
+def test_a_receiver_that_refuses_an_update_unread_still_keeps_the_broadcast_group_in_step():
+    """A generator that refuses the manifest draws no bucket: the sender must still finish, and the next version
+    must arrive whole (gloo, two ranks in threads of this process)."""
+    import socket
+    import threading
+
+    from actors.weight_sync import BroadcastChannel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    packed = pack_buckets(odd_state(), bucket_bytes=64)
+    assert len(packed.buckets) >= 3
+    channels = {}
+
+    def join(rank):
+        channels[rank] = BroadcastChannel("127.0.0.1", port, rank, 2, name="refuse", timeout_s=30)
+
+    joining = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in joining:
+        t.start()
+    for t in joining:
+        t.join(30)
+
+    def send_twice():
+        for version in (1, 2):
+            channels[0].send(version, packed.manifest, iter(packed.buckets))
+
+    sender = threading.Thread(target=send_twice)
+    sender.start()
+    version, manifest, sizes, buckets = channels[1].receive()
+    assert version == 1 and manifest == packed.manifest
+    buckets.close()  # refused unread: the stream receives and drops every bucket
+    version, _, _, buckets = channels[1].receive()
+    got = list(buckets)
+    sender.join(30)
+    assert not sender.is_alive() and version == 2
+    assert [torch.equal(a, b) for a, b in zip(got, packed.buckets)] == [True] * len(packed.buckets)
