@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -40,6 +39,7 @@ from selfplay.weights import (
     checksum,
     fill_bucket,
     plan_buckets,
+    tensor_bytes,
     verified,
 )
 
@@ -197,7 +197,7 @@ def measure(model: str, repeats: int) -> dict:
     ray.get([sender.open_channel.remote(host, port, size)]
             + [r.open_channel.remote(host, port, i + 1, size) for i, r in enumerate(receivers)])
     specs = model_specs(model)
-    nbytes = sum(math.prod(s) * d.itemsize for s, d in specs.values())
+    nbytes = sum(tensor_bytes(s, d) for s, d in specs.values())
     largest = {v: max(bucket_sizes(plan_buckets(specs, BUCKET_BYTES if v.endswith("bucketed") else 1)))
                for v in VARIANTS}
 

@@ -33,10 +33,6 @@ class Packed:
     manifest: list[dict]  # name, shape, dtype, bucket, offset, nbytes — in parameter order
     checksums: list[int]  # `checksum` per bucket
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() for b in self.buckets)
-
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -44,6 +40,15 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _bucket_size(entries: list[dict]) -> int:
+    """The bytes of a bucket holding `entries`, padded to whole words."""
+    return _aligned(max(m["offset"] + m["nbytes"] for m in entries)) if entries else 0
 
 
 def checksum_tensor(bucket: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ def plan_buckets(specs: Specs, bucket_bytes: int = 64 << 20) -> list[dict]:
     {name, shape, dtype, bucket, offset, nbytes}."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    sizes = {name: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for name, (shape, dtype) in specs.items()}
+    sizes = {name: tensor_bytes(shape, dtype) for name, (shape, dtype) in specs.items()}
     bucket_bytes = min(bucket_bytes, max(1, sum(sizes.values()) // MIN_BUCKETS))
     manifest, bucket, offset = [], 0, 0
     for name, (shape, dtype) in specs.items():
@@ -87,8 +92,7 @@ def bucket_entries(manifest: list[dict]) -> list[list[dict]]:
 
 
 def bucket_sizes(manifest: list[dict]) -> list[int]:
-    return [_aligned(max(m["offset"] + m["nbytes"] for m in entries)) if entries else 0
-            for entries in bucket_entries(manifest)]
+    return [_bucket_size(entries) for entries in bucket_entries(manifest)]
 
 
 def fill_bucket(entries: list[dict], tensors: Iterable[torch.Tensor], device=None,
@@ -99,7 +103,7 @@ def fill_bucket(entries: list[dict], tensors: Iterable[torch.Tensor], device=Non
     out = None
     for m, t in zip(entries, tensors, strict=True):
         if out is None:
-            size = _aligned(entries[-1]["offset"] + entries[-1]["nbytes"])
+            size = _bucket_size(entries)
             out = buffer[:size] if buffer is not None else torch.empty(size, dtype=torch.uint8,
                                                                        device=device or t.device)
         end = m["offset"] + m["nbytes"]
@@ -130,7 +134,7 @@ def check_manifest(manifest: list[dict], expected: Specs | None = None, sizes: l
         if expected is not None and (tuple(expected[m["name"]][0]), expected[m["name"]][1]) != (shape, dtype):
             want = expected[m["name"]]
             raise WeightSyncError(f"{m['name']}: manifest says {shape} {dtype}, model has {tuple(want[0])} {want[1]}")
-        if m["nbytes"] != math.prod(shape) * torch.empty((), dtype=dtype).element_size() or m["offset"] % ALIGN:
+        if m["nbytes"] != tensor_bytes(shape, dtype) or m["offset"] % ALIGN:
             raise WeightSyncError(f"{m['name']}: {m['nbytes']} bytes at offset {m['offset']} for {shape} {dtype}")
         if sizes is not None and (m["bucket"] >= len(sizes) or m["offset"] + m["nbytes"] > sizes[m["bucket"]]):
             raise WeightSyncError(f"{m['name']}: bytes {m['offset']}..{m['offset'] + m['nbytes']} beyond bucket "
@@ -175,7 +179,7 @@ def write_safetensors(path, specs: list[tuple[str, tuple[int, ...], torch.dtype]
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in specs:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = tensor_bytes(shape, dtype)
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
