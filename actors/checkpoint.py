@@ -2,7 +2,8 @@
 
 `checkpoints/step_N/` holds the learners' state (weights, optimizer, EMA, reference, RNG), a replay snapshot
 and, written last and atomically, `driver_state.json`: counters, prompt-stream position, the requests still in
-flight, restarts and evaluations. A checkpoint without driver_state.json is incomplete and never resumed from.
+flight, restarts and the policies saved for evaluation. A checkpoint without driver_state.json is incomplete
+and never resumed from. `policy_file` is the file of it that generators load (evaluation).
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ def save(driver, restarts: dict[str, int], final: bool = False) -> Path:
         "step": step, "policy_version": driver.sync.latest_version, "initial_policy": driver.initial_policy,
         "counters": dataclasses.asdict(driver.counters), "logged_samples": driver.logged_samples,
         "extra_prompts": driver.extra_prompts,
-        "evals": driver.evals, "restarts": restarts, "resumes": driver.resumes,
+        "evals_due": driver.evals_due, "restarts": restarts, "resumes": driver.resumes,
         **driver.inflight.state(),  # the requests in flight are sent again first: their rows were not yet stored
     })
     return directory
+
+
+def policy_file(directory: Path, lora: bool) -> Path:
+    """The checkpoint's policy as generators load it: the model's safetensors, or with LoRA the adapter's."""
+    from selfplay.lora import ADAPTER_WEIGHTS
+
+    return directory / "adapter" / ADAPTER_WEIGHTS if lora else directory / "model" / "model.safetensors"
 
 
 def load(out: Path, checkpoint: Path | None) -> dict[str, Any]:
@@ -54,7 +62,7 @@ def restore(driver, state: dict[str, Any]) -> None:
     for key, value in state["counters"].items():  # in place: the driver's parts share this Counters
         setattr(driver.counters, key, value)
     driver.logged_samples, driver.extra_prompts = state["logged_samples"], state.get("extra_prompts", 0)
-    driver.evals, driver.resumes = list(state["evals"]), [*state["resumes"], state["step"]]
+    driver.evals_due, driver.resumes = list(state["evals_due"]), [*state["resumes"], state["step"]]
     driver.inflight.load_state(state)
     metrics = driver.out / "metrics.jsonl"  # steps after the checkpoint are run again: their lines go
     if metrics.exists():

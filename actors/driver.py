@@ -12,8 +12,8 @@ async — generation and training overlap: judged rows stream into the buffer wh
         generated with θ_n while step n trains, as in one-step off-policy RLHF); null lets generators run free
         and learners train whatever the buffer holds.
 What the algorithm is comes from its recipe (`selfplay.recipes`); requests in flight from `actors.inflight`;
-checkpoints from `actors.checkpoint`; counters and the summary from `actors.metrics`
-(docs/architecture.md, "The driver").
+checkpoints from `actors.checkpoint`; evaluation, on the generators and judges, from `actors.evaluation`;
+counters and the summary from `actors.metrics` (docs/architecture.md, "The driver").
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ from typing import Any
 import ray
 
 from actors import checkpoint
+from actors.evaluation import Evaluation
 from actors.generator import GeneratorActor
 from actors.inflight import InFlight
 from actors.judge import JudgeActor
 from actors.learner import LearnerGroup
 from actors.metrics import Counters, RunMetrics, plot, summary, utilization
 from actors.placement import Placement
-from actors.remote import ActorDiedError, get_all, recover
+from actors.remote import ActorDiedError, get_all, peak_rss_mb, recover
 from actors.replay import ReplayBuffer
 from actors.weight_sync import WeightSync
 from selfplay.config import Config, check_resources
-from selfplay.evaluate import evaluate_run
+from selfplay.lora import lora_enabled
 from selfplay.placement import tensor_parallel
 from selfplay.preflight import latest_checkpoint, run_prompts
 from selfplay.recipes import make_recipe
@@ -62,7 +63,8 @@ class Driver:
         self.recipe = make_recipe(cfg)
         self.counters = Counters()
         self.evals: list[dict[str, Any]] = []
-        self.snapshots: list[tuple[int, float, dict]] = []  # (step, loop seconds, weights): eval.every_seconds
+        # policies saved for evaluation after the loop: {step, seconds (eval.every_seconds) or None, path}
+        self.evals_due: list[dict[str, Any]] = []
         self.trained: list[tuple[float, float]] = []  # (start, end) of every learner step
         self.restarts = {"generator": 0, "judge": 0, "replay_shard": 0}  # actors Ray restarted, recovered here
         self.restarts_before: dict[str, int] = {}  # counted by the attempts before the last resume
@@ -79,6 +81,7 @@ class Driver:
         self.placement: Placement | None = None
         self.sync: WeightSync | None = None
         self.inflight: InFlight | None = None
+        self.evaluation: Evaluation | None = None
         self.metrics: RunMetrics | None = None
         self.logged_samples = 0  # samples_generated already counted in the Ray counter
         self.extra_prompts = 0  # async, bounded: prompts sent beyond one round per step (`_may_generate`)
@@ -119,6 +122,7 @@ class Driver:
         self.learners = LearnerGroup(cfg, placement=self.placement)
         self.inflight = InFlight(cfg, self.recipe, self.generators, self.judges, self.replay, self.counters,
                                  self._recover, self.train_prompts)
+        self.evaluation = Evaluation(cfg, self.eval_prompts, self.task, self.generators, self.judges)
         if self.resume_state is not None:
             checkpoint.restore(self, self.resume_state)
         self.sync = WeightSync(self.learners, self.generators, transport=cfg.weight_sync.transport, mode=cfg.mode,
@@ -193,6 +197,7 @@ class Driver:
                  f"{r.replay_shards} replay shard(s), {r.num_learners} learner(s)")
         try:
             self._build(self.initial_policy)
+            self.evaluation.answer_initial()  # every generator still serves the initial weights (version 0)
             self.metrics = RunMetrics(self.out, cfg, run_name=self.out.name)
             self.t0 = time.perf_counter()
             if self.recipe.weights == "ema" or self.resume_state is not None:
@@ -206,14 +211,13 @@ class Driver:
             loop = utilization(self.counters, [generators[i] for i in range(len(self.generators))], self.learners.stats(),
                                time.perf_counter() - self.t0, self.inflight.generated, self.trained)
             final = self._checkpoint(final=True)
-            self.learners.shutdown()  # the final model is on disk: free the learners before the driver evaluates it
-            self._evaluate(final_dir=final / "model")
-            timed = self._evaluate_snapshots(loop["loop_seconds"])
+            self.learners.shutdown()  # the final policy is on disk: free the learners' memory before evaluating
+            timed = self._evaluate_all(checkpoint.policy_file(final, lora_enabled(cfg.model.lora)), loop["loop_seconds"])
             result = summary(cfg, self.counters, self.evals, self.replay.stats(),
                              policy_version=self.sync.latest_version, wall_seconds=round(time.perf_counter() - start, 2),
                              actor_restarts=self._count_restarts(), resumed_from=self.resumes,
                              rows_replayed_after_restart=self.replay.replayed_rows,
-                             prompts_skipped=self.prompts_skipped, **loop, **timed)
+                             prompts_skipped=self.prompts_skipped, driver_peak_rss_mb=peak_rss_mb(), **loop, **timed)
             checkpoint.write_json(self.out / "summary.json", result, indent=2)
             self.metrics.summary(result)
             plot(self.metrics.records, self.evals, self.out)
@@ -246,11 +250,11 @@ class Driver:
             self._after_step(metrics, rows)
 
     def _run_async(self) -> None:
-        cfg, every, lag = self.cfg, self.cfg.train.checkpoint_every, self.cfg.train.max_policy_lag
+        cfg, lag = self.cfg, self.cfg.train.max_policy_lag
         # bounded (max_policy_lag = N): one step queued, so the publish after step n runs before step n+1 and
         # version n is exactly θ_n. Unbounded: up to two, the next one starting the moment the last ends (a publish
-        # asked for meanwhile runs between them). Never past a checkpoint: the learners must be at exactly the
-        # checkpoint's step when it is saved.
+        # asked for meanwhile runs between them). Never past a checkpoint or an evaluation (`eval.every`): the
+        # learners must be at exactly that step when its policy is saved.
         depth = 2 if lag is None else 1
         training: collections.deque = collections.deque()  # (refs, started, rows) per queued step
         submitted = self.counters.learner_steps
@@ -259,7 +263,7 @@ class Driver:
                 if self._may_generate():
                     self.inflight.send(i)
             while (len(training) < depth and submitted < cfg.train.steps
-                   and not (every and submitted % every == 0 and self.counters.learner_steps < submitted)
+                   and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
                 self._refresh_reference(submitted)
                 rows = self._sample_batch(required=False)
@@ -282,6 +286,10 @@ class Driver:
             else:  # a weight publish returned: send the generators their loads
                 self.sync.poll()
         self.inflight.drain(generating=False)  # rows already generated are stored, not dropped
+
+    def _saves_at(self, step: int) -> bool:
+        """Is the policy after learner step `step` saved (a checkpoint, or an evaluation's policy file)?"""
+        return any(every and step % every == 0 for every in (self.cfg.train.checkpoint_every, self.cfg.eval.every))
 
     def _may_generate(self) -> bool:
         """Async: may an idle generator start a request now? Unbounded: always. Bounded by max_policy_lag = N: the
@@ -361,10 +369,11 @@ class Driver:
         }
         self.metrics.log(record, new_samples=c.samples_generated - self.logged_samples, new_trained=rows.num_rows)
         self.logged_samples = c.samples_generated
-        if cfg.eval.every_seconds and elapsed >= (len(self.snapshots) + 1) * cfg.eval.every_seconds:
-            self.snapshots.append((c.learner_steps, round(elapsed, 3), self.learners.full_state()))
+        timed = sum(due["seconds"] is not None for due in self.evals_due)
+        if cfg.eval.every_seconds and elapsed >= (timed + 1) * cfg.eval.every_seconds:
+            self._save_for_evaluation(seconds=round(elapsed, 3))
         if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
-            self._evaluate()
+            self._save_for_evaluation()
         if cfg.train.checkpoint_every and c.learner_steps % cfg.train.checkpoint_every == 0 \
                 and c.learner_steps < cfg.train.steps:
             self._checkpoint()
@@ -391,29 +400,39 @@ class Driver:
         now = {**self.restarts, "replay_shard": self.restarts["replay_shard"] + self.replay.restarts}
         return {k: v + self.restarts_before.get(k, 0) for k, v in now.items()}
 
-    def _evaluate(self, final_dir: Path | None = None) -> None:
-        """Current policy vs the initial one on held-out prompts: the final model, or the learners' weights now."""
-        record = evaluate_run(self.cfg, self.counters.learner_steps, self.initial_policy, self.eval_prompts, self.task,
-                              model_dir=final_dir and str(final_dir),
-                              state=None if final_dir else self.learners.full_state())
-        self.evals.append(record)
-        self.log(f"[eval] step {record['step']}: win rate vs initial {record['winrate_vs_initial']:.3f} "
-                 f"± {record['stderr']:.3f}" + (f", task score {record['task_score']:.3f} (initial "
-                                                 f"{record['initial_task_score']:.3f})" if self.task else ""))
+    def _save_for_evaluation(self, seconds: float | None = None) -> None:
+        """Learner rank 0 writes the policy to out_dir/evals/ now; it is evaluated after the loop (`_evaluate_all`)."""
+        path = self.out / "evals" / f"step_{self.counters.learner_steps}.safetensors"
+        step = self.learners.save_policy(path)
+        self.evals_due.append({"step": step, "seconds": seconds, "path": str(path)})
 
-    def _evaluate_snapshots(self, loop_seconds: float) -> dict[str, Any]:
-        """eval.every_seconds: the policies kept during the loop, evaluated now (outside the timed loop), and the
-        final one at the loop's end: {"timed_evals": [{seconds, step, winrate_vs_initial, stderr, …}]}."""
+    def _evaluate_all(self, final_policy: Path, loop_seconds: float) -> dict[str, Any]:
+        """The policies saved during the loop, then the final one, each against the initial policy on the
+        generators (their files deleted once evaluated). With eval.every_seconds also {"timed_evals": [{seconds,
+        step, winrate_vs_initial, stderr, …}]}, the final policy at the loop's end included."""
+        records: dict[str, dict] = {}  # a file due at a step and at a time is evaluated once
+        timed = []
+        for due in self.evals_due:
+            if due["path"] not in records:
+                records[due["path"]] = self._evaluate(due["step"], due["path"])
+            if due["seconds"] is None:
+                self.evals.append(records[due["path"]])
+            else:
+                timed.append({"seconds": due["seconds"], **records[due["path"]]})
+        self.evals.append(self._evaluate(self.counters.learner_steps, final_policy))
+        for path in records:
+            Path(path).unlink(missing_ok=True)
+        self.evals_due = []
         if not self.cfg.eval.every_seconds:
             return {}
-        timed = []
-        for step, seconds, state in self.snapshots:
-            record = evaluate_run(self.cfg, step, self.initial_policy, self.eval_prompts, self.task, state=state)
-            timed.append({"seconds": seconds, **record})
-            self.log(f"[eval] {seconds:.0f}s (step {step}): win rate vs initial {record['winrate_vs_initial']:.3f} "
-                     f"± {record['stderr']:.3f}")
-        self.snapshots = []
         return {"timed_evals": [*timed, {"seconds": round(loop_seconds, 3), **self.evals[-1]}]}
+
+    def _evaluate(self, step: int, policy_file: str | Path) -> dict[str, Any]:
+        record = self.evaluation.evaluate(step, policy_file)
+        self.log(f"[eval] step {step}: win rate vs initial {record['winrate_vs_initial']:.3f} "
+                 f"± {record['stderr']:.3f}" + (f", task score {record['task_score']:.3f} (initial "
+                                                 f"{record['initial_task_score']:.3f})" if self.task else ""))
+        return record
 
     def _shutdown(self) -> None:
         for handle in self.generators + self.judges:

@@ -8,7 +8,10 @@ serves exactly one weight version at a time.
 - `load_weights` / `receive_weights`: a versioned update, loaded bucket by bucket as it arrives; the manifest
   (names, shapes, dtypes) is checked before any tensor moves and each bucket's checksum before its tensors do.
   Ray runs an actor's calls one at a time, so an update lands between generation batches and a batch never sees
-  two versions.
+  two versions;
+- `answer` / `load_policy_file`: the run's evaluation (actors/evaluation.py) — answers with the weights served
+  now, or with a policy a learner saved to a file (after which training requests are refused until a pushed
+  version loads).
 Every result records the `policy_version` it was produced with.
 """
 
@@ -37,6 +40,7 @@ from selfplay.weights import (
     bucket_sizes,
     bucket_tensors,
     check_manifest,
+    read_safetensors,
     verified,
 )
 
@@ -68,19 +72,24 @@ class GeneratorActor:
         self.policy_version = 0
         self.awaiting_restore = restarted()  # a restart serves nothing until the driver brings the current weights
         self.unservable: str | None = None  # why the engine holds a mix of two versions (see `_apply`)
+        self.evaluating: str | None = None  # the policy file loaded for evaluation, until a pushed version loads
         self._calls = 0
         self.holds = HoldPoints()  # chaos tests only: hold a request until the test kills this process
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
-        self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0}
+        self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0,
+                         "eval_seconds": 0.0}  # evaluation: answers and policy files (not in busy_seconds)
 
     # -- generation ----------------------------------------------------------------------------------------------
 
-    def _sampling(self, temperature, top_p, max_new_tokens, seed) -> dict[str, Any]:
+    def _sampling(self, temperature, top_p, max_new_tokens, seed, evaluation: bool = False) -> dict[str, Any]:
         if self.awaiting_restore:
             raise ActorRestarted(f"generator {self.index} was restarted and does not have the current weights yet")
         if self.unservable:
             raise WeightSyncError(f"generator {self.index}: {self.unservable}; it serves no request until a "
                                   "complete version has loaded")
+        if self.evaluating and not evaluation:
+            raise WeightSyncError(f"generator {self.index} serves the evaluation policy {self.evaluating}; it "
+                                  "serves no training request until a pushed version has loaded")
         self.holds.enter("request")  # every request (sample, segment_rollout, revise) passes here once
         g = self.cfg.generation
         self._calls += 1
@@ -96,12 +105,12 @@ class GeneratorActor:
     def _seed(self, call: int) -> int:
         return self.cfg.seed + 1_000_003 * self.index + call
 
-    def _generate(self, ids: list[list[int]], **kw):
+    def _generate(self, ids: list[list[int]], counter: str = "busy_seconds", **kw):
         start = time.perf_counter()
         try:
             return self.backend.generate(ids, **kw)
         finally:
-            self.counters["busy_seconds"] += time.perf_counter() - start
+            self.counters[counter] += time.perf_counter() - start
 
     def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         return [self.tokenizer(chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -125,6 +134,14 @@ class GeneratorActor:
                 "seconds": elapsed,
             })
         return results
+
+    def answer(self, prompts: list[Prompt | str], temperature: float, top_p: float, max_new_tokens: int,
+               seed: int | None = None) -> list[str]:
+        """Evaluation: one answer per prompt with the weights served now (a pushed version, the initial weights,
+        or a policy file), as `selfplay.evaluate.answer` gives on the driver; counted apart from training work."""
+        sampling = self._sampling(temperature, top_p, max_new_tokens, seed, evaluation=True)
+        outs = self._generate(self._prompt_ids(_as_prompts(prompts)), counter="eval_seconds", num_samples=1, **sampling)
+        return [out[0].text for out in outs]
 
     def segment_rollout(self, prompts: list[Prompt | str], chosen: list[str], segment_len: int | None = None,
                         temperature: float | None = None, top_p: float | None = None,
@@ -258,9 +275,22 @@ class GeneratorActor:
             buckets.close()  # a broadcast receives (and drops) whatever was not drawn
             self.counters["busy_seconds"] += time.perf_counter() - start
         self.policy_version = version
-        self.awaiting_restore, self.unservable = False, None
+        self.awaiting_restore, self.unservable, self.evaluating = False, None, None
         self.counters["weight_loads"] += 1
         return version
+
+    def load_policy_file(self, path: str) -> str:
+        """Evaluation: serve the policy a learner saved to `path` (`LearnerGroup.save_policy`: the tensors it
+        publishes, in safetensors), read one tensor at a time; its names, shapes and dtypes are checked before any
+        tensor moves. From here on only `answer` is served, until a pushed version loads."""
+        start = time.perf_counter()
+        try:
+            tensors = read_safetensors(path, self.backend.param_specs())
+            self.evaluating = path  # from the first tensor on, the engine no longer holds the pushed version
+            self.backend.load_weights(tensors)
+        finally:
+            self.counters["eval_seconds"] += time.perf_counter() - start
+        return path
 
     def version(self) -> int:
         return self.policy_version

@@ -56,6 +56,11 @@ class JudgeActor:
             del result["verdicts"]
         return result
 
+    async def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]:
+        """Evaluation: P(a ≻ b) per prompt (actors/evaluation.py), in a thread like a batch of `judge`."""
+        probs = await asyncio.get_running_loop().run_in_executor(None, self.judge.compare, prompts, a, b)
+        return probs.double().tolist()
+
     def hold(self, point: str, marker: str, skip: int = 0) -> None:
         """Chaos tests: hold the next `judge` call (after `skip` more) until this process is killed (actors/faults.py)."""
         self.holds.arm(point, marker, skip)

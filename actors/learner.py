@@ -479,6 +479,12 @@ class LearnerActor:
         torch.distributed.barrier()
         return str(out)
 
+    def save_policy(self, path: str) -> int:
+        """The policy as its generators load it (the tensors `publish` sends: with LoRA the adapter) in one
+        safetensors file, streamed by rank 0 (actors/evaluation.py). Returns the step it holds."""
+        self._stream("policy", Path(path))
+        return self.step
+
     def _base_model(self) -> torch.nn.Module:
         """The transformers model under DeepSpeed (and under PEFT's wrapper, with LoRA)."""
         return self.engine.module.get_base_model() if self.lora else self.engine.module
@@ -647,6 +653,10 @@ class LearnerGroup:
 
     def full_state(self, which: str = "policy") -> dict[str, torch.Tensor]:
         return self._get([a.full_state.remote(which) for a in self.actors], "full_state")[0]
+
+    def save_policy(self, path: str | Path) -> int:
+        """The policy in one safetensors file, as generators load it; returns the learners' step."""
+        return self._get([a.save_policy.remote(str(path)) for a in self.actors], "save_policy")[0]
 
     def refresh_reference(self, source: str = "policy") -> None:
         self._get([a.refresh_reference.remote(source) for a in self.actors], "refresh_reference")

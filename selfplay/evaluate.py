@@ -30,10 +30,7 @@ def answer(model, tokenizer, prompts: list[Prompt], *, revisions: int = 0, templ
 
         chains = revise(reply, tokenizer, [p.text for p in prompts], texts, template, rounds=revisions)
         texts = [chain[-1] for chain in chains]
-    score = None
-    if task is not None:
-        score = sum(task.score(p.text, t) for p, t in zip(prompts, texts)) / len(prompts)
-    return Answers(texts, score)
+    return Answers(texts, task_score(task, prompts, texts))
 
 
 def alpaca_eval_outputs(prompts: list[Prompt], answers: list[str], generator: str) -> list[dict[str, str]]:
@@ -45,16 +42,21 @@ def alpaca_eval_outputs(prompts: list[Prompt], answers: list[str], generator: st
 
 
 def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[str, float]:
+    """Mean P(a ≻ b) over `prompts` by `judge`, with its standard error (`win_rate_of`)."""
+    return win_rate_of(judge.compare([x.text for x in prompts], a, b))
+
+
+def win_rate_of(p: torch.Tensor | list[float]) -> dict[str, float]:
     """Mean P(a ≻ b) with its standard error, and the wins/ties/losses behind it. Comparisons the judge could not
     score (NaN / inf / outside [0, 1]) are left out and counted in `invalid`, so one bad score cannot make the
     whole evaluation NaN."""
-    p = judge.compare([x.text for x in prompts], a, b).double()
+    p = torch.as_tensor(p, dtype=torch.float64)
     valid = torch.isfinite(p) & (p >= 0) & (p <= 1)
     invalid = int((~valid).sum())
     p = p[valid]
     n = len(p)
     if n == 0:
-        raise ValueError(f"the judge returned no valid score for any of the {len(prompts)} evaluation comparisons")
+        raise ValueError(f"the judge returned no valid score for any of the {len(valid)} evaluation comparisons")
     return {
         "winrate": p.mean().item(),
         "stderr": (p.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan"),
@@ -64,6 +66,11 @@ def win_rate(judge, prompts: list[Prompt], a: list[str], b: list[str]) -> dict[s
         "n": n,
         "invalid": invalid,
     }
+
+
+def task_score(task, prompts: list[Prompt], answers: list[str]) -> float | None:
+    """The mean task score of `answers`, when the task has a scorer."""
+    return None if task is None else sum(task.score(p.text, t) for p, t in zip(prompts, answers)) / len(prompts)
 
 
 def head_to_head(model_a, model_b, tokenizer_a, tokenizer_b, prompts, judge, *, seed: int = 0, task=None,
@@ -82,35 +89,22 @@ def head_to_head(model_a, model_b, tokenizer_a, tokenizer_b, prompts, judge, *, 
     return result
 
 
+def eval_sampling(cfg) -> dict:
+    """A run's evaluation settings: `eval.temperature`, the run's top-p and generation length."""
+    return {"temperature": cfg.eval.temperature, "top_p": cfg.generation.top_p,
+            "max_new_tokens": cfg.generation.max_new_tokens}
+
+
+EVAL_SEED = 7  # the policy answers with seed + 7, the initial policy with seed + 8
+
+
 def against_initial(cfg, model, initial_policy: str, prompts: list[Prompt], judge, task=None, tokenizer=None) -> dict:
-    """`model` against the run's initial policy with the run's evaluation settings (`eval.temperature`, the
-    generation length, seed + 7): what the driver reports as `winrate_vs_initial`, reproducible outside it."""
+    """`model` against the run's initial policy with the run's evaluation settings (`eval_sampling`, seed + 7):
+    what a run reports as `winrate_vs_initial` (actors/evaluation.py, on the generators), in one process."""
     from selfplay.models import load_causal_lm, load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(initial_policy, cfg.model.trust_remote_code)
     initial = load_causal_lm(initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
     with torch.no_grad():
-        return head_to_head(model, initial, tok, tok, prompts, judge, seed=cfg.seed + 7, task=task,
-                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.eval.temperature,
-                            top_p=cfg.generation.top_p)
-
-
-def evaluate_run(cfg, step: int, initial_policy: str, prompts: list[Prompt], task=None, model_dir: str | None = None,
-                 state: dict[str, torch.Tensor] | None = None) -> dict:
-    """A run's evaluation record at `step`: its policy — a saved model directory, or the initial policy with the
-    learners' current `state` loaded — against the initial policy, with the task judge or the configured one."""
-    from selfplay.judges import make_judge
-    from selfplay.lora import load_adapter_state, lora_enabled, with_adapters
-    from selfplay.models import load_causal_lm, load_tokenizer
-
-    tok = load_tokenizer(initial_policy, cfg.model.trust_remote_code)
-    current = load_causal_lm(model_dir or initial_policy, cfg.model.dtype, cfg.model.trust_remote_code, tok)
-    if state is not None and lora_enabled(cfg.model.lora):  # the learners' adapter, on the initial policy
-        current = with_adapters(current, cfg.model.lora)
-        load_adapter_state(current, state)
-        current = current.merge_and_unload()
-    elif state is not None:
-        current.load_state_dict(state, strict=False)
-    result = against_initial(cfg, current, initial_policy, prompts, make_judge(cfg.judge, cfg.task), task, tokenizer=tok)
-    return {"step": step, "winrate_vs_initial": result["winrate"], "stderr": result["stderr"],
-            "task_score": result["task_score_a"], "initial_task_score": result["task_score_b"], "n": result["n"]}
+        return head_to_head(model, initial, tok, tok, prompts, judge, seed=cfg.seed + EVAL_SEED, task=task,
+                            **eval_sampling(cfg))

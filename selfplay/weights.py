@@ -191,3 +191,24 @@ def write_safetensors(path, specs: list[tuple[str, tuple[int, ...], torch.dtype]
                 raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {shape} {dtype}")
             f.write(_bytes_of(tensor.to("cpu")).numpy().tobytes())
     return 8 + len(encoded) + offset
+
+
+def read_safetensors(path, expected: Specs) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a .safetensors file, read one tensor at a time, once its header names exactly the tensors
+    `expected` {name: (shape, dtype)} with their shapes and dtypes (checked now, before the first tensor is read:
+    WeightSyncError naming the file and the tensor)."""
+    from safetensors import safe_open
+
+    dtypes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+    f = safe_open(str(path), framework="pt")
+    specs = {}
+    for name in f.keys():
+        info = f.get_slice(name)
+        if info.get_dtype() not in dtypes:
+            raise WeightSyncError(f"{path}: {name}: unsupported dtype {info.get_dtype()}")
+        specs[name] = (tuple(info.get_shape()), dtypes[info.get_dtype()])
+    try:
+        check_manifest(plan_buckets(specs), expected)
+    except WeightSyncError as e:
+        raise WeightSyncError(f"{path}: {e}") from None
+    return ((name, f.get_tensor(name)) for name in expected)  # in the receiving model's own order

@@ -119,6 +119,37 @@ def test_a_bad_update_is_refused_and_a_mix_of_versions_is_never_served(generator
     assert ray.get(gen.stats.remote())["weight_refusals"] >= 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_policy_file_is_served_to_evaluation_only_until_a_pushed_version_loads(generators, backend, tmp_path):
+    """actors/evaluation.py: a generator loads the policy a learner saved and answers with it; it serves no
+    training request meanwhile. A file that is not this model's is refused before anything moves."""
+    import ray
+    from safetensors.torch import save_file
+
+    gen, hf = generators[backend], generators["hf"]
+    hf_state = ray.get(hf.weights.remote())
+    version = ray.get(gen.version.remote())
+
+    def answers(g):
+        return ray.get(g.answer.remote(PROMPTS, temperature=0.0, top_p=1.0, max_new_tokens=20, seed=7), timeout=120)
+
+    before = answers(gen)
+    bad = tmp_path / "bad.safetensors"
+    save_file({**hf_state, "model.norm.weight": torch.ones(7)}, str(bad))
+    with pytest.raises(WeightSyncError, match=f"{bad}: model.norm.weight"):
+        ray.get(gen.load_policy_file.remote(str(bad)))
+    assert answers(gen) == before and greedy(gen)  # nothing moved: training requests are still served
+    policy = tmp_path / "policy.safetensors"
+    save_file(noised(hf_state, seed=5), str(policy))
+    assert ray.get(gen.load_policy_file.remote(str(policy))) == str(policy)
+    assert answers(gen) != before
+    with pytest.raises(WeightSyncError, match="serves the evaluation policy .*no training request"):
+        greedy(gen)
+    same = pack_buckets(hf_state, bucket_bytes=300_000)  # a pushed version: training requests again
+    assert ray.get(gen.load_weights.remote(version + 1, same.buckets, same.manifest, same.checksums)) == version + 1
+    assert greedy(gen) == greedy(hf) and answers(gen) == answers(hf)
+
+
 def test_a_restarted_generator_serves_nothing_until_it_has_the_current_weights(ray_cluster, warm_policy_dir):
     import ray
 

@@ -24,8 +24,10 @@ def run(tmp_path, algorithm, mode, *extra):
 
 
 def test_sppo_sync_writes_every_output(ray_cluster, tmp_path, monkeypatch):
+    """Two generators and two judges; the evaluation (at step 6 and at the end) runs on them."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg, out, summary = run(tmp_path, "sppo", "sync", "logging.wandb=true", "train.checkpoint_every=0")
+    cfg, out, summary = run(tmp_path, "sppo", "sync", "logging.wandb=true", "train.checkpoint_every=0",
+                            "eval.every=6", "resources.num_generators=2", "resources.num_judges=2")
     assert SUMMARY_FIELDS <= summary.keys()
     assert summary == {**json.loads((out / "summary.json").read_text()), "evals": summary["evals"]}
     assert summary["learner_steps"] == cfg.train.steps and summary["weight_syncs"] == cfg.train.steps
@@ -55,6 +57,21 @@ def test_sppo_sync_writes_every_output(ray_cluster, tmp_path, monkeypatch):
         time.sleep(2)
     for name in names:
         assert name in body, name
+    # the evaluation ran on the generators (each answered half the prompts, from the policy file learner rank 0
+    # wrote, deleted once evaluated) and the judges: the final policy scores as it does in one process (greedy)
+    assert [e["step"] for e in summary["evals"]] == [6, cfg.train.steps] and not list((out / "evals").iterdir())
+    from selfplay.evaluate import against_initial
+    from selfplay.judges import make_judge
+    from selfplay.models import load_causal_lm, load_tokenizer
+    from selfplay.preflight import run_prompts
+
+    _, held, task, _ = run_prompts(cfg)
+    initial = str(out / "initial_policy")
+    model = load_causal_lm(str(ckpt / "model"), cfg.model.dtype, False, load_tokenizer(initial))
+    local, final = against_initial(cfg, model, initial, held, make_judge(cfg.judge, cfg.task), task), summary["evals"][-1]
+    assert final["n"] == local["n"] == cfg.eval.prompts and final["task_score"] == pytest.approx(local["task_score_a"], abs=0.05)
+    # (equal here to the last digit; a thread count that reorders a sum may flip a greedy token)
+    assert final["winrate_vs_initial"] == pytest.approx(local["winrate"], abs=local["stderr"])
 
 
 def test_async_overlaps_generation_and_training(ray_cluster, tmp_path):
