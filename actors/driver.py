@@ -128,6 +128,7 @@ class Driver:
         self.sync = WeightSync(self.learners, self.generators, transport=cfg.weight_sync.transport, mode=cfg.mode,
                                bucket_bytes=cfg.weight_sync.bucket_mb << 20, which=self.recipe.weights, timeout_s=600)
         self.sync.on_generator_died = lambda i: self._recover("generator", i)
+        self.inflight.min_version = lambda i: self.sync.sent_versions[i]
 
     def _recover(self, role: str, i: int) -> None:
         """Generator or judge i died and Ray restarts it: wait for it, restore it (a generator gets the newest

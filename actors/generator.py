@@ -7,16 +7,22 @@ serves exactly one weight version at a time.
 - `revise`: SRPO's self-revisions;
 - `load_weights` / `receive_weights`: a versioned update, loaded bucket by bucket as it arrives; the manifest
   (names, shapes, dtypes) is checked before any tensor moves and each bucket's checksum before its tensors do.
-  Ray runs an actor's calls one at a time, so an update lands between generation batches and a batch never sees
-  two versions;
+  an update waits for the requests already started and requests that come after it wait for it, so a request
+  never sees two versions;
 - `answer` / `load_policy_file`: the run's evaluation (actors/evaluation.py) — answers with the weights served
   now, or with a policy a learner saved to a file (after which training requests are refused until a pushed
   version loads).
 Every result records the `policy_version` it was produced with.
+
+The actor is asynchronous: with a backend that can (`concurrent`: vLLM) several requests are in flight at once
+and share the engine's running batch (`generation.requests_in_flight`, set by the driver); with the others
+(hf) each request holds the event loop until it is done, one at a time. Calls start in the order they were sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -30,7 +36,7 @@ from actors.faults import HoldPoints
 from actors.remote import ActorRestarted, peak_rss_mb, restarted
 from selfplay.backends import make_backend
 from selfplay.config import Config
-from selfplay.generation import revise
+from selfplay.generation import revision_asks
 from selfplay.placement import tensor_parallel
 from selfplay.segments import sample_cut_points, splice_segment
 from selfplay.tasks import Prompt, chat_prompt, make_prompt_id
@@ -45,6 +51,7 @@ from selfplay.weights import (
 )
 
 BUCKET_FETCH_TIMEOUT_S = 600.0  # one published bucket, from the object store
+VERSION_WAIT_S = 600.0  # a request for a weight version whose load has not arrived yet
 
 
 def _as_prompts(prompts: list[Prompt | str]) -> list[Prompt]:
@@ -74,10 +81,16 @@ class GeneratorActor:
         self.unservable: str | None = None  # why the engine holds a mix of two versions (see `_apply`)
         self.evaluating: str | None = None  # the policy file loaded for evaluation, until a pushed version loads
         self._calls = 0
+        # requests generating now and weight loads waiting for them: a load starts once every request already
+        # started has finished; no request starts while a load waits or runs (`_serving`, `_loading`)
+        self._active, self._loads = 0, 0
+        self._state = asyncio.Condition()  # notified whenever either count changes
+        self._busy_since = 0.0
         self.holds = HoldPoints()  # chaos tests only: hold a request until the test kills this process
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
         self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0,
-                         "eval_seconds": 0.0}  # evaluation: answers and policy files (not in busy_seconds)
+                         "eval_seconds": 0.0,  # evaluation: answers and policy files (not in busy_seconds)
+                         "most_requests_at_once": 0}
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -105,23 +118,64 @@ class GeneratorActor:
     def _seed(self, call: int) -> int:
         return self.cfg.seed + 1_000_003 * self.index + call
 
-    def _generate(self, ids: list[list[int]], counter: str = "busy_seconds", **kw):
-        start = time.perf_counter()
+    @contextlib.asynccontextmanager
+    async def _serving(self, counter: str = "busy_seconds", min_version: int = 0):
+        """A request: it waits while a weight load waits or runs, and until version `min_version` (the newest the
+        driver had sent this generator when it sent the request: Ray does not keep the order of calls to an
+        asynchronous actor) has loaded. Its time counts once however many requests overlap."""
+        async with self._state:
+            try:
+                await asyncio.wait_for(self._state.wait_for(
+                    lambda: not self._loads and (self.policy_version >= min_version or self.unservable
+                                                 or self.awaiting_restore)), VERSION_WAIT_S)  # (these two: refused)
+            except asyncio.TimeoutError:
+                raise WeightSyncError(f"generator {self.index}: a request for weight version {min_version} or newer "
+                                      f"waited {VERSION_WAIT_S:.0f}s; it serves {self.policy_version}") from None
+            if not self._active:
+                self._busy_since = time.perf_counter()
+            self._active += 1
+        self.counters["most_requests_at_once"] = max(self.counters["most_requests_at_once"], self._active)
         try:
-            return self.backend.generate(ids, **kw)
+            yield
         finally:
-            self.counters[counter] += time.perf_counter() - start
+            async with self._state:
+                self._active -= 1
+                if not self._active:
+                    self.counters[counter] += time.perf_counter() - self._busy_since
+                self._state.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _loading(self):
+        """A weight load: once the requests already started have finished; later ones wait for it."""
+        async with self._state:
+            self._loads += 1
+            await self._state.wait_for(lambda: not self._active)
+        try:
+            yield  # the load itself never awaits: no request runs beside it
+        finally:
+            async with self._state:
+                self._loads -= 1
+                self._state.notify_all()
+
+    async def _generate(self, ids: list[list[int]], **kw):
+        if self.backend.concurrent:
+            return await self.backend.generate_async(ids, **kw)
+        return self.backend.generate(ids, **kw)
 
     def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         return [self.tokenizer(chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
-    def sample(self, prompts: list[Prompt | str], k: int = 1, temperature: float | None = None,
-               top_p: float | None = None, max_new_tokens: int | None = None, seed: int | None = None) -> list[dict]:
-        """K responses per prompt → [{prompt_id, prompt, samples: [{text, token_ids, finish_reason}], policy_version}]."""
-        prompts = _as_prompts(prompts)
-        sampling = self._sampling(temperature, top_p, max_new_tokens, seed)
+    async def sample(self, prompts: list[Prompt | str], k: int = 1, temperature: float | None = None,
+                     top_p: float | None = None, max_new_tokens: int | None = None,
+                     seed: int | None = None, min_version: int = 0) -> list[dict]:
+        """K responses per prompt → [{prompt_id, prompt, samples: [{text, token_ids, finish_reason}], policy_version}].
+        Every request waits for weight version `min_version` or newer (see `_serving`)."""
+        async with self._serving(min_version=min_version):
+            return await self._sample(_as_prompts(prompts), k, self._sampling(temperature, top_p, max_new_tokens, seed))
+
+    async def _sample(self, prompts: list[Prompt], k: int, sampling: dict[str, Any]) -> list[dict]:
         start = time.perf_counter()
-        outs = self._generate(self._prompt_ids(prompts), num_samples=k, **sampling)
+        outs = await self._generate(self._prompt_ids(prompts), num_samples=k, **sampling)
         elapsed = time.perf_counter() - start
         results = []
         for p, samples in zip(prompts, outs):
@@ -135,17 +189,18 @@ class GeneratorActor:
             })
         return results
 
-    def answer(self, prompts: list[Prompt | str], temperature: float, top_p: float, max_new_tokens: int,
-               seed: int | None = None) -> list[str]:
+    async def answer(self, prompts: list[Prompt | str], temperature: float, top_p: float, max_new_tokens: int,
+                     seed: int | None = None) -> list[str]:
         """Evaluation: one answer per prompt with the weights served now (a pushed version, the initial weights,
-        or a policy file), as `selfplay.evaluate.answer` gives on the driver; counted apart from training work."""
-        sampling = self._sampling(temperature, top_p, max_new_tokens, seed, evaluation=True)
-        outs = self._generate(self._prompt_ids(_as_prompts(prompts)), counter="eval_seconds", num_samples=1, **sampling)
+        or a policy file), as `selfplay.evaluate.answer` gives in one process; counted apart from training work."""
+        async with self._serving("eval_seconds"):
+            sampling = self._sampling(temperature, top_p, max_new_tokens, seed, evaluation=True)
+            outs = await self._generate(self._prompt_ids(_as_prompts(prompts)), num_samples=1, **sampling)
         return [out[0].text for out in outs]
 
-    def segment_rollout(self, prompts: list[Prompt | str], chosen: list[str], segment_len: int | None = None,
-                        temperature: float | None = None, top_p: float | None = None,
-                        seed: int | None = None) -> list[dict]:
+    async def segment_rollout(self, prompts: list[Prompt | str], chosen: list[str], segment_len: int | None = None,
+                              temperature: float | None = None, top_p: float | None = None,
+                              seed: int | None = None, min_version: int = 0) -> list[dict]:
         """SAPO: for each (prompt, chosen) cut t ~ U[0, max(0, L − 3 − g)] (never into the last
         3 tokens, as official SAPO), regenerate g = min(segment_len, L) tokens from
         this policy after prompt ⊕ chosen[:t], splice them in (dropping the suffix if the segment ended with EOS).
@@ -153,16 +208,20 @@ class GeneratorActor:
         prompts = _as_prompts(prompts)
         if len(prompts) != len(chosen):
             raise ValueError(f"{len(prompts)} prompts but {len(chosen)} chosen responses")
+        async with self._serving(min_version=min_version):
+            return await self._segment_rollout(prompts, chosen, segment_len or self.cfg.sapo.segment_len,
+                                               self._sampling(temperature, top_p, None, seed))
+
+    async def _segment_rollout(self, prompts: list[Prompt], chosen: list[str], seg: int,
+                               sampling: dict[str, Any]) -> list[dict]:
         eos = self.tokenizer.eos_token_id
-        seg = segment_len or self.cfg.sapo.segment_len
-        sampling = self._sampling(temperature, top_p, None, seed)
         chosen_ids = [self.tokenizer(c + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c in chosen]
         gen = torch.Generator().manual_seed(self._seed(self._calls) if sampling["seed"] is None else sampling["seed"])
         cuts, lengths = sample_cut_points(torch.tensor([len(c) for c in chosen_ids]), seg, generator=gen)
         contexts = [p_ids + c[: int(t)] for p_ids, c, t in zip(self._prompt_ids(prompts), chosen_ids, cuts)]
         idx = [i for i, g in enumerate(lengths) if int(g) > 0]  # g = 0: nothing to regenerate
-        outs = dict(zip(idx, self._generate([contexts[i] for i in idx], num_samples=1,
-                                            **{**sampling, "max_new_tokens": [int(lengths[i]) for i in idx]})
+        outs = dict(zip(idx, await self._generate([contexts[i] for i in idx], num_samples=1,
+                                                  **{**sampling, "max_new_tokens": [int(lengths[i]) for i in idx]})
                         if idx else []))
         results = []
         for i, g in enumerate(int(x) for x in lengths):
@@ -175,29 +234,34 @@ class GeneratorActor:
             })
         return results
 
-    def revise(self, prompts: list[Prompt | str], responses: list[str], rounds: int | None = None,
-               temperature: float | None = None, seed: int | None = None) -> list[dict]:
+    async def revise(self, prompts: list[Prompt | str], responses: list[str], rounds: int | None = None,
+                     temperature: float | None = None, seed: int | None = None, min_version: int = 0) -> list[dict]:
         """SRPO: N rounds of self-revision → [{prompt_id, prompt, chain: [response, revision 1, …], policy_version}]."""
-        prompts = _as_prompts(prompts)
+        async with self._serving(min_version=min_version):
+            return await self._revise(_as_prompts(prompts), list(responses), rounds,
+                                      self._sampling(temperature, None, None, seed))
+
+    async def _revise(self, prompts: list[Prompt], responses: list[str], rounds: int | None,
+                      sampling: dict[str, Any]) -> list[dict]:
         rounds = self.cfg.srpo.revisions if rounds is None else rounds
-        sampling = self._sampling(temperature, None, None, seed)
-
-        def answer(texts: list[str]) -> list[str]:
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            return [o[0].text for o in self._generate(ids, num_samples=1, **sampling)]
-
-        chains = revise(answer, self.tokenizer, [p.text for p in prompts], list(responses),
-                        self.cfg.srpo.revision_template, rounds)
+        chains = [[r] for r in responses]
+        for _ in range(rounds):  # selfplay.generation.revise, a round at a time on this engine
+            asks = revision_asks(self.tokenizer, [p.text for p in prompts], chains, self.cfg.srpo.revision_template)
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in asks]
+            for chain, out in zip(chains, await self._generate(ids, num_samples=1, **sampling)):
+                chain.append(out[0].text)
         return [{"prompt_id": p.prompt_id, "prompt": p.text, "chain": c, "policy_version": self.policy_version}
                 for p, c in zip(prompts, chains)]
 
-    def sample_and_revise(self, prompts: list[Prompt | str], k: int = 1, rounds: int | None = None,
-                          seed: int | None = None) -> list[dict]:
+    async def sample_and_revise(self, prompts: list[Prompt | str], k: int = 1, rounds: int | None = None,
+                                seed: int | None = None, min_version: int = 0) -> list[dict]:
         """SRPO in one call: K sampled answers per prompt, then `rounds` self-revisions of the first one.
         → [{prompt_id, prompt, samples: [text × K], chain: [first answer, revision 1, …], policy_version}]."""
-        first = self.sample(prompts, k=k, seed=seed)
-        revised = self.revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
-                              seed=None if seed is None else seed + 1)
+        prompts = _as_prompts(prompts)
+        async with self._serving(min_version=min_version):  # one version for both parts
+            first = await self._sample(prompts, k, self._sampling(None, None, None, seed))
+            revised = await self._revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
+                                         self._sampling(None, None, None, None if seed is None else seed + 1))
         return [{**rev, "samples": [s["text"] for s in r["samples"]]} for r, rev in zip(first, revised)]
 
     # -- weights -------------------------------------------------------------------------------------------------
@@ -209,12 +273,19 @@ class GeneratorActor:
         self.channel = BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend)
         return True
 
-    def receive_weights(self) -> int:
+    async def receive_weights(self) -> int:
         """Receive one broadcast update, loading each bucket into the engine as it arrives (see `load_weights`)."""
-        version, manifest, sizes, buckets = self.channel.receive(reuse_buffers=self.backend.copies_on_load)
-        return self._apply(version, manifest, sizes, buckets)
+        async with self._loading():
+            version, manifest, sizes, buckets = self.channel.receive(reuse_buffers=self.backend.copies_on_load)
+            return self._apply(version, manifest, sizes, buckets)
 
-    def load_weights(self, version: int, buckets: list, manifest: list[dict], checksums: list[int]) -> int:
+    async def load_weights(self, version: int, buckets: list, manifest: list[dict], checksums: list[int]) -> int:
+        """Apply weight version `version` from the object store (buckets: ObjectRefs, or tensors), fetching and
+        loading one bucket at a time (see `_apply`), once the requests already started have finished."""
+        async with self._loading():
+            return self._load_weights(version, buckets, manifest, checksums)
+
+    def _load_weights(self, version: int, buckets: list, manifest: list[dict], checksums: list[int]) -> int:
         """Apply weight version `version` from the object store (buckets: ObjectRefs, or tensors), fetching and
         loading one bucket at a time (see `_apply`)."""
         sizes = bucket_sizes(manifest)
@@ -279,17 +350,16 @@ class GeneratorActor:
         self.counters["weight_loads"] += 1
         return version
 
-    def load_policy_file(self, path: str) -> str:
+    async def load_policy_file(self, path: str) -> str:
         """Evaluation: serve the policy a learner saved to `path` (`LearnerGroup.save_policy`: the tensors it
         publishes, in safetensors), read one tensor at a time; its names, shapes and dtypes are checked before any
         tensor moves. From here on only `answer` is served, until a pushed version loads."""
         start = time.perf_counter()
-        try:
+        async with self._loading():
             tensors = read_safetensors(path, self.backend.param_specs())
             self.evaluating = path  # from the first tensor on, the engine no longer holds the pushed version
             self.backend.load_weights(tensors)
-        finally:
-            self.counters["eval_seconds"] += time.perf_counter() - start
+        self.counters["eval_seconds"] += time.perf_counter() - start
         return path
 
     def version(self) -> int:

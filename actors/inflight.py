@@ -8,6 +8,7 @@ resume"). A checkpoint stores the requests still in flight; a resumed run sends 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import time
@@ -76,6 +77,8 @@ class InFlight:
         self.backlog: list[Request] = []  # in flight when the resumed checkpoint was taken: sent before new ones
         self.issued = 0  # requests made so far: each gets its own sampling seed
         self.generated: list[tuple[float, float]] = []  # (sent, generated) per request
+        # the weight version generator i must serve a request with: the newest one sent to it (WeightSync)
+        self.min_version: Callable[[int], int] = lambda i: 0
 
     def __contains__(self, ref: ray.ObjectRef) -> bool:
         return ref in self.generating or ref in self.judging
@@ -84,9 +87,10 @@ class InFlight:
         return [*self.generating, *self.judging]
 
     def idle(self) -> list[int]:
-        """Generators without a request generating."""
-        busy = {r.generator for r in self.generating.values()}
-        return [i for i in range(len(self.generators)) if i not in busy]
+        """A generator for each request it may still take (`generation.requests_in_flight` at once)."""
+        busy = collections.Counter(r.generator for r in self.generating.values())
+        return [i for i in range(len(self.generators))
+                for _ in range(self.cfg.generation.requests_in_flight - busy[i])]
 
     def prompts(self) -> int:
         """Prompts sent and not yet stored: at most this many rows are still to come."""
@@ -139,8 +143,8 @@ class InFlight:
 
     def _generate(self, request: Request) -> None:
         request.sent = time.perf_counter()
-        self.generating[self.recipe.request(self.generators[request.generator], request.prompts,
-                                            seed=request.seed)] = request
+        self.generating[self.recipe.request(self.generators[request.generator], request.prompts, seed=request.seed,
+                                            min_version=self.min_version(request.generator))] = request
 
     def _store(self, judged: dict[str, Any]) -> None:
         c = self.counters

@@ -162,6 +162,8 @@ class WeightSync:
         # the newest version asked of the learners (rank 0 counts the same way; a resumed learner starts above 0)
         self.latest_version = get_all({0: learners.actors[0].get_version.remote()}, timeout_s, "version", "learner")[0]
         self.generator_versions = {i: 0 for i in range(len(self.generators))}  # fresh generators: initial weights
+        # the newest version whose load has been sent to generator i: requests sent after it are served with it
+        self.sent_versions = dict(self.generator_versions)
         self.last_published: dict | None = None  # the newest object-store update: a restarted generator loads it
         # generator i died during a weight load: the driver recovers it (and counts it); standalone, just recover
         self.on_generator_died = lambda i: recover(self.generators[i], "generator", i,
@@ -194,6 +196,7 @@ class WeightSync:
                     publishing=self.learners.call_async(method, self.which, self.bucket_bytes, not republish))
         if self.transport == "collective":  # the broadcast needs every receiver: they join now, in queue order
             push.acks = {i: g.receive_weights.remote() for i, g in enumerate(self.generators)}
+            self.sent_versions = dict.fromkeys(push.acks, push.version)
         self.pending.append(push)
         if self.mode == "sync":
             self.wait()
@@ -212,7 +215,7 @@ class WeightSync:
         if self.transport == "object_store":
             push.acks = {i: g.load_weights.remote(pub["version"], pub["buckets"], pub["manifest"], pub["checksums"])
                          for i, g in enumerate(self.generators)}
-            self.last_published = pub
+            self.last_published, self.sent_versions = pub, dict.fromkeys(push.acks, pub["version"])
         push.publishing, push.nbytes = None, pub["nbytes"]
 
     def poll(self) -> list[int]:
@@ -264,13 +267,14 @@ class WeightSync:
             raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport "
                                "cannot bring it the current weights; use the object_store transport for "
                                "restartable generators, or resume the run from its last checkpoint")
-        pub, self.generator_versions[i] = self.last_published, 0
+        pub, self.generator_versions[i], self.sent_versions[i] = self.last_published, 0, 0
         if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
             self.generator_versions[i] = get_all({i: self.generators[i].serve_initial_weights.remote()},
                                                  self.timeout_s, "restart", "generator")[i]
         elif pub is not None:  # (none yet: the first push is still being published, and its loads bring them)
             ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"],
                                                          pub["checksums"])
+            self.sent_versions[i] = pub["version"]
             self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
                                                  "generator")[i]
 

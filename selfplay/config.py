@@ -74,6 +74,9 @@ class GenerationConfig:
     # vLLM only: the longest sequence (prompt + response tokens) the engine serves; null: the model's own limit
     # (32,768 for Mistral-7B). Set it to what the prompts need: the KV cache must hold one sequence of this length
     max_model_len: int | None = None
+    # async mode: requests each generator works on at once. vLLM runs them in one batch (the next request's
+    # prompts fill the places of finished sequences); hf takes them one after another (no round trip between)
+    requests_in_flight: int = 1
 
 
 @dataclass
@@ -581,6 +584,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
+    check(cfg.generation.requests_in_flight >= 1, "generation.requests_in_flight", "must be >= 1")
     check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")
     check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
     check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: only at the end)")

@@ -97,11 +97,15 @@ def revise(
     each round formats `template` with {prompt} and {response} as a new user turn. Returns, per prompt, the
     chain [response, revision 1, …, revision N].
     """
-    from selfplay.tasks.base import chat_prompt
-
     chains = [[r] for r in responses]
     for _ in range(rounds):
-        asks = [chat_prompt(tokenizer, template.format(prompt=p, response=c[-1])) for p, c in zip(prompts, chains)]
-        for chain, text in zip(chains, answer(asks)):
+        for chain, text in zip(chains, answer(revision_asks(tokenizer, prompts, chains, template))):
             chain.append(text)
     return chains
+
+
+def revision_asks(tokenizer, prompts: list[str], chains: list[list[str]], template: str) -> list[str]:
+    """The next round's chat-formatted asks: `template` with each prompt and the last answer of its chain."""
+    from selfplay.tasks.base import chat_prompt
+
+    return [chat_prompt(tokenizer, template.format(prompt=p, response=c[-1])) for p, c in zip(prompts, chains)]

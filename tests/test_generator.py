@@ -78,6 +78,39 @@ def test_vllm_greedy_equals_hf_greedy_before_and_after_a_weight_load(generators)
     assert greedy(vl) == after  # … by vLLM too, through its live reload path
 
 
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed")
+def test_vllm_requests_in_flight_run_together_and_a_load_between_them_splits_the_versions(generators):
+    """Requests sent together run in one engine batch; a weight load sent between them waits for the requests
+    already started, and those sent after it (asking for its version, as the driver's do: Ray does not keep the
+    order of calls to an asynchronous actor, and this load's tensors reach the actor later than the small calls
+    after it) wait for the load: each request is answered by exactly one version, the one it asked for. The new
+    version is recognisable token by token: a zero final norm makes every logit 0, so greedy decoding emits token
+    0 at every step, which the trained policy never emits."""
+    import ray
+
+    gen, hf = generators["vllm"], generators["hf"]
+    state, version = ray.get(hf.weights.remote()), ray.get(gen.version.remote())
+
+    def request(min_version=0):
+        return gen.sample.remote(PROMPTS, k=1, temperature=0.0, max_new_tokens=20, min_version=min_version)
+
+    def tokens(results):
+        return [s["token_ids"] for r in results for s in r["samples"]]
+
+    update = pack_buckets({**state, "model.norm.weight": torch.zeros_like(state["model.norm.weight"])})
+    before = [request() for _ in range(3)]  # sent at once, then the load, then three more
+    load = gen.load_weights.remote(version + 1, update.buckets, update.manifest, update.checksums)
+    after = [request(min_version=version + 1) for _ in range(3)]
+    before, after = [r for rs in ray.get(before, timeout=120) for r in rs], [r for rs in ray.get(after, timeout=120) for r in rs]
+    assert ray.get(load) == version + 1
+    assert all(t and 0 not in t for t in tokens(before))  # the old version, to the last token
+    assert all(t == [0] * 20 for t in tokens(after))  # the new one, from the first token
+    assert {r["policy_version"] for r in before} == {version} and {r["policy_version"] for r in after} == {version + 1}
+    assert ray.get(gen.stats.remote())["most_requests_at_once"] >= 2  # they did run together
+    same = pack_buckets(state, bucket_bytes=300_000)  # back to the hf generator's weights for the tests after
+    assert ray.get(gen.load_weights.remote(version + 2, same.buckets, same.manifest, same.checksums)) == version + 2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bad_update_is_refused_and_a_mix_of_versions_is_never_served(generators, backend):
     import ray

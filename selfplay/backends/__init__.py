@@ -6,6 +6,7 @@
                                                # iterator yields them (a streamed update arrives bucket by bucket)
     param_specs() -> {name: (shape, dtype)}    # what load_weights accepts, for manifest checks
     copies_on_load: bool                       # load_weights is done with each tensor before it takes the next
+    concurrent: bool                           # also `async generate_async(...)`: calls in flight share the engine
 
 Backends work on token ids: prompts are tokenized once, by our tokenizer, whatever the engine.
 """

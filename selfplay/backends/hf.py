@@ -15,6 +15,7 @@ from selfplay.models import load_causal_lm
 class HFBackend:
     name = "hf"
     copies_on_load = True  # load_weights copies each tensor before it takes the next
+    concurrent = False  # one `generate` at a time
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, device: str | None = None, lora=None, **_ignored):

@@ -8,10 +8,16 @@ engine can take tensors without serializing them.
 With LoRA (`lora`: the run's `model.lora`) the engine runs with vLLM's LoRA support and the base weights never
 change: each pushed adapter is written in PEFT's layout (a few MB) to a directory of its own and served under a
 new LoRA id and name, so neither vLLM's adapter cache nor its prefix cache can serve the previous version.
+
+`generate_async` lets several calls share the engine: each call's requests join the running batch at the next
+engine step (continuous batching across calls), instead of waiting until the previous call's longest sequence
+has finished while the rest of the batch sits empty.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import shutil
 import tempfile
@@ -46,6 +52,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as
 class VLLMBackend:
     name = "vllm"
     copies_on_load = False  # vLLM keeps a layer's loaded tensors until the layer is complete
+    concurrent = True  # generate_async: calls in flight at once share the running batch
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
@@ -66,6 +73,9 @@ class VLLMBackend:
         lora_options = {"enable_lora": True, "max_loras": 1,
                         "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= self.lora.rank)} if self.lora else {}
         self.tensor_parallel_size = tensor_parallel_size
+        self._waiting: dict[str, asyncio.Future] = {}  # generate_async: request id → its caller's future
+        self._stepper: asyncio.Task | None = None
+        self._request_ids = itertools.count()
         # one seeded sampler per engine: unseeded requests are reproducible for a given order of calls without
         # per-request seeds (which move vLLM to its slower per-row sampling path)
         self.llm = LLM(
@@ -96,37 +106,74 @@ class VLLMBackend:
         else:
             self._specs = {n: (tuple(p.shape), p.dtype) for n, p in skeleton.named_parameters()}
 
-    def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
-                 top_p: float = 1.0, max_new_tokens: int | list[int] = 32, seed: int | None = None,
-                 **_ignored) -> list[list[Completion]]:
-        """One engine call for every request; `max_new_tokens` may differ per request (SAPO's segments). With a
-        `seed`, request i is seeded with seed + i (reproducible whatever else the engine runs); without, the
-        engine's own seeded sampler draws."""
+    def _requests(self, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
+                  top_p: float = 1.0, max_new_tokens: int | list[int] = 32, seed: int | None = None, **_ignored):
+        """vLLM requests for `generate`: token-id prompts and their SamplingParams."""
         from vllm import SamplingParams
 
-        eos = self.tokenizer.eos_token_id
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         params = [
             SamplingParams(n=num_samples, temperature=max(temperature, 0.0), top_p=top_p if temperature > 0 else 1.0,
                            max_tokens=limit, seed=None if seed is None else seed + i,
-                           stop_token_ids=[eos], detokenize=False)
+                           stop_token_ids=[self.tokenizer.eos_token_id], detokenize=False)
             for i, limit in enumerate(limits)
         ]
+        return requests, params
+
+    def _completions(self, out) -> list[Completion]:
+        eos, samples = self.tokenizer.eos_token_id, []
+        for o in out.outputs:
+            tokens = tuple(o.token_ids)
+            stopped = o.finish_reason == "stop"
+            if stopped and (not tokens or tokens[-1] != eos):
+                tokens = tokens + (eos,)  # vLLM may drop the stop token; keep EOS like the hf backend
+            text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+            samples.append(Completion(text, tokens, "stop" if stopped else "length"))
+        return samples
+
+    def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list[Completion]]:
+        """One engine call for every request; `max_new_tokens` may differ per request (SAPO's segments). With a
+        `seed`, request i is seeded with seed + i (reproducible whatever else the engine runs); without, the
+        engine's own seeded sampler draws."""
+        requests, params = self._requests(prompt_ids, **sampling)
         outputs = self.llm.generate(requests, params, use_tqdm=False,
                                     lora_request=self._lora_request if self.lora else None)
-        result = []
-        for out in outputs:
-            samples = []
-            for o in out.outputs:
-                tokens = tuple(o.token_ids)
-                stopped = o.finish_reason == "stop"
-                if stopped and (not tokens or tokens[-1] != eos):
-                    tokens = tokens + (eos,)  # vLLM may drop the stop token; keep EOS like the hf backend
-                text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-                samples.append(Completion(text, tokens, "stop" if stopped else "length"))
-            result.append(samples)
-        return result
+        return [self._completions(out) for out in outputs]
+
+    async def generate_async(self, prompt_ids: list[list[int]], **sampling) -> list[list[Completion]]:
+        """`generate` for a caller on an event loop: the requests join the engine's running batch now, and this
+        call returns once they are finished, while other calls' requests keep running beside them. One task
+        steps the engine while any request is unfinished; it yields to the loop between steps, which is when new
+        calls add their requests (and when nothing else touches the engine)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        requests, params = self._requests(prompt_ids, **sampling)
+        loop, futures = asyncio.get_running_loop(), []
+        for request, p in zip(requests, params):
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is finished
+            request_id = f"selfplay-{next(self._request_ids)}"
+            self.llm.llm_engine.add_request(request_id, request, p,
+                                            lora_request=self._lora_request if self.lora else None)
+            futures.append(self._waiting.setdefault(request_id, loop.create_future()))
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.create_task(self._step_while_busy())
+        return list(await asyncio.gather(*futures))
+
+    async def _step_while_busy(self) -> None:
+        engine = self.llm.llm_engine
+        try:
+            while self._waiting:
+                for out in engine.step():
+                    if out.finished:
+                        self._waiting.pop(out.request_id).set_result(self._completions(out))
+                await asyncio.sleep(0)
+        except Exception as e:  # every waiting caller gets the error, none hangs
+            engine.abort_request(list(self._waiting))
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(e)
+            self._waiting.clear()
 
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._specs)

@@ -47,8 +47,9 @@ class Recipe(Protocol):
     loss: LossSpec  # the loss and its parameters (`train.loss` overrides the algorithm's own)
     needs_reference_answers: bool  # every prompt must carry a reference answer
 
-    def request(self, generator, prompts: list, seed: int) -> Any:
-        """The generator call for a batch of prompts (a Ray ObjectRef)."""
+    def request(self, generator, prompts: list, seed: int, min_version: int = 0) -> Any:
+        """The generator call for a batch of prompts (a Ray ObjectRef), served with weight version `min_version`
+        or newer."""
 
     def responses(self, results: list[dict]) -> int:
         """How many responses the generators sampled for these results."""

@@ -27,12 +27,13 @@ class SAPORecipe:
     def responses(self, results: list[dict]) -> int:
         return len(results)
 
-    def request(self, generator, prompts, seed: int):
+    def request(self, generator, prompts, seed: int, min_version: int = 0):
         missing = [p.prompt_id for p in prompts if p.reference is None]
         if missing:
             raise ValueError(f"SAPO needs a reference answer per prompt (the chosen response); {len(missing)} "
                              f"prompts have none, e.g. {missing[0]}")
-        return generator.segment_rollout.remote(prompts, [p.reference for p in prompts], self.segment_len, seed=seed)
+        return generator.segment_rollout.remote(prompts, [p.reference for p in prompts], self.segment_len, seed=seed,
+                                              min_version=min_version)
 
     def groups(self, results: list[dict]) -> list[dict]:
         return [

@@ -23,8 +23,8 @@ class SPPORecipe:
     def responses(self, results: list[dict]) -> int:
         return len(results) * self.k
 
-    def request(self, generator, prompts, seed: int):
-        return generator.sample.remote(prompts, k=self.k, seed=seed)
+    def request(self, generator, prompts, seed: int, min_version: int = 0):
+        return generator.sample.remote(prompts, k=self.k, seed=seed, min_version=min_version)
 
     def groups(self, results: list[dict]) -> list[dict]:
         return [

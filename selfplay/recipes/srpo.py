@@ -24,8 +24,9 @@ class SRPORecipe:
     def responses(self, results: list[dict]) -> int:
         return len(results) * (self.k + self.rounds)
 
-    def request(self, generator, prompts, seed: int):
-        return generator.sample_and_revise.remote(prompts, k=self.k, rounds=self.rounds, seed=seed)
+    def request(self, generator, prompts, seed: int, min_version: int = 0):
+        return generator.sample_and_revise.remote(prompts, k=self.k, rounds=self.rounds, seed=seed,
+                                                  min_version=min_version)
 
     def groups(self, results: list[dict]) -> list[dict]:
         # candidates: the K answers and the last revision of the first; the revision's "previous" is that answer
