@@ -85,6 +85,13 @@ def tables(results: dict[str, dict]) -> str:
             out.append(_table(["backend", "batch", "direct tokens/s", "actor tokens/s", "direct / actor"],
                               [[x["backend"], x["batch"], x["direct_tokens_per_s"], x["actor_tokens_per_s"],
                                 x["actor_overhead_ratio"]] for x in rows]))
+            flight = r.get("in_flight", {})
+            if flight.get("rows"):
+                out.append(f"\nvLLM, {flight['requests']} requests of {flight['prompts_per_request']} prompts "
+                           f"({'/'.join(map(str, flight['lengths']))} new tokens), kept N in flight:\n")
+                out.append(_table(["in flight", "seconds", "samples/s", "vs one at a time"],
+                                  [[x["window"], x["seconds"], x["samples_per_s"], f"{x['speedup']:.2f}×"]
+                                   for x in flight["rows"]]))
         elif name == "weight_sync":
             keys = [k for k in rows[0] if k.endswith("_s") and not k.startswith("floor")] if rows else []
             out.append(_table(["MB", "raw broadcast (floor) s", *[k.removesuffix("_s") + " s" for k in keys]],

@@ -1,10 +1,15 @@
-"""Generation throughput: tokens/s of each backend (hf, vllm) at batch 1, 8 and 32 on the tiny model, and the
-GeneratorActor's overhead — the same requests through the actor vs the backend called directly in-process.
+"""Generation throughput on the tiny model, two measurements side by side in one run:
 
-The tiny model's untrained weights never emit EOS, so every request produces exactly `--tokens` tokens.
+1. tokens/s of each backend (hf, vllm) at batch 1, 8 and 32, and the GeneratorActor's overhead — the same
+   requests through the actor vs the backend called directly in-process (`results`);
+2. requests in flight (vLLM): requests of 8 prompts with mixed response lengths (8 … 256 new tokens) sent to one
+   vLLM GeneratorActor one at a time (the driver waits for each) vs with 2, 4 or all of them in flight, where
+   each request's sequences join the running batch (`in_flight`: samples/s and the ratio to one at a time).
 
-    python -m benchmarks.generation            # 64 new tokens per request
-    python -m benchmarks.generation --quick    # 32
+The tiny model's untrained weights never emit EOS, so every request produces exactly as many tokens as it asks.
+
+    python -m benchmarks.generation            # 64 new tokens per request; 24 requests in flight
+    python -m benchmarks.generation --quick    # 32; 12 requests
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from selfplay.tasks import SortTask, chat_prompt
 from selfplay.tiny import build_tiny
 
 BATCHES = (1, 8, 32)
+LENGTHS = (8, 16, 32, 64, 128, 256)  # new tokens of request i: LENGTHS[i % 6]
+WINDOWS = (1, 2, 4, None)  # requests in flight at once (None: all of them)
 
 
 def rate(fn, tokens_expected: int, repeats: int = 2) -> float:
@@ -78,13 +85,52 @@ def main(argv=None) -> dict:
                                 "actor_overhead_ratio": round(direct / through_actor, 3)})
             ray.kill(actor)
             del backend
+        in_flight = requests_in_flight(policy, prompts[:8], 12 if args.quick else 24) if "vllm" in backends else \
+            {"skipped": "vLLM is not installed"}
     finally:
         ray.shutdown()
     out = {"benchmark": "generation", "command": "python -m benchmarks.generation" + (" --quick" if args.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": "tiny (0.44M params)",
-           "new_tokens": new_tokens, "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+           "new_tokens": new_tokens, "results": results, "in_flight": in_flight,
+           "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out))
     return out
+
+
+def requests_in_flight(policy: str, prompts: list, requests: int, repeats: int = 2) -> dict:
+    """One vLLM GeneratorActor; `requests` requests of `prompts` (greedy, request i asks LENGTHS[i % 6] new tokens),
+    kept `window` at a time in flight as the driver does with `generation.requests_in_flight`; best of `repeats`.
+    → {rows: [{window, seconds, samples_per_s, tokens_per_s, speedup}], ...}"""
+    from actors.generator import GeneratorActor
+
+    cfg = load_config(None, ["generation.backend=vllm", f"model.policy={policy}", "resources.generator_cpus=1"])
+    actor = GeneratorActor.options(num_cpus=1).remote(cfg.to_dict(), policy, 0)
+    lengths = [LENGTHS[i % len(LENGTHS)] for i in range(requests)]
+
+    def run(window: int) -> tuple[float, int]:
+        pending, done, tokens, start = list(lengths), [], 0, time.perf_counter()
+        flying: list = []
+        while pending or flying:
+            while pending and len(flying) < window:
+                flying.append(actor.sample.remote(prompts, k=1, temperature=0.0, max_new_tokens=pending.pop(0)))
+            ready, flying = ray.wait(flying, num_returns=1)
+            tokens += sum(len(r["samples"][0]["token_ids"]) for r in ray.get(ready[0]))
+        return time.perf_counter() - start, tokens
+
+    run(requests)  # warm-up
+    rows = []
+    for window in WINDOWS:
+        seconds, tokens = min(run(window or requests) for _ in range(repeats))
+        assert tokens == len(prompts) * sum(lengths), (tokens, len(prompts) * sum(lengths))
+        rows.append({"window": window or requests, "seconds": round(seconds, 3),
+                     "samples_per_s": round(requests * len(prompts) / seconds, 1),
+                     "tokens_per_s": round(tokens / seconds, 1)})
+    for row in rows:
+        row["speedup"] = round(row["samples_per_s"] / rows[0]["samples_per_s"], 2)
+    stats = ray.get(actor.stats.remote())
+    ray.kill(actor)
+    return {"requests": requests, "prompts_per_request": len(prompts), "lengths": list(LENGTHS),
+            "most_requests_at_once": stats["most_requests_at_once"], "rows": rows}
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_sppo_sync_writes_every_output(ray_cluster, tmp_path, monkeypatch):
 
 def test_async_overlaps_generation_and_training(ray_cluster, tmp_path):
     cfg, out, summary = run(tmp_path, "sppo", "async", "train.steps=16", "train.sync_every=2",
-                            "replay.max_staleness=4")
+                            "replay.max_staleness=4", "generation.requests_in_flight=2")
     assert summary["mode"] == "async" and summary["learner_steps"] == 16
     assert summary["generate_train_overlap_seconds"] > 0  # a generator was busy while a learner step ran
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
