@@ -12,7 +12,8 @@ serves exactly one weight version at a time.
 - `answer` / `load_policy_file`: the run's evaluation (actors/evaluation.py) — answers with the weights served
   now, or with a policy a learner saved to a file (after which training requests are refused until a pushed
   version loads).
-Every result records the `policy_version` it was produced with.
+Every result records the `policy_version` it was produced with (with `weight_sync.mid_request`: the version it
+started with, the oldest that contributed).
 
 The actor is asynchronous: with a backend that can (`concurrent`: vLLM) several requests are in flight at once
 and share the engine's running batch (`generation.requests_in_flight`, set by the driver); with the others
@@ -90,7 +91,7 @@ class GeneratorActor:
         # busy_seconds: time spent generating or loading weights (the rest of the actor's life is idle)
         self.counters = {"samples": 0, "tokens": 0, "weight_loads": 0, "weight_refusals": 0, "busy_seconds": 0.0,
                          "eval_seconds": 0.0,  # evaluation: answers and policy files (not in busy_seconds)
-                         "most_requests_at_once": 0}
+                         "most_requests_at_once": 0, "loads_mid_request": 0}
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -136,7 +137,9 @@ class GeneratorActor:
             self._active += 1
         self.counters["most_requests_at_once"] = max(self.counters["most_requests_at_once"], self._active)
         try:
-            yield
+            yield self.policy_version  # what the request's results record
+            if self.unservable:  # (mid_request) a load failed part-way while this request ran on
+                raise WeightSyncError(f"generator {self.index}: {self.unservable} while this request ran")
         finally:
             async with self._state:
                 self._active -= 1
@@ -146,10 +149,14 @@ class GeneratorActor:
 
     @contextlib.asynccontextmanager
     async def _loading(self):
-        """A weight load: once the requests already started have finished; later ones wait for it."""
+        """A weight load: once the requests already started have finished (with `weight_sync.mid_request`, at
+        once: the backend resumes them on the new weights); later ones wait for it."""
         async with self._state:
             self._loads += 1
-            await self._state.wait_for(lambda: not self._active)
+            if self.cfg.weight_sync.mid_request and self.backend.concurrent:
+                self.counters["loads_mid_request"] += bool(self._active)
+            else:
+                await self._state.wait_for(lambda: not self._active)
         try:
             yield  # the load itself never awaits: no request runs beside it
         finally:
@@ -170,10 +177,11 @@ class GeneratorActor:
                      seed: int | None = None, min_version: int = 0) -> list[dict]:
         """K responses per prompt → [{prompt_id, prompt, samples: [{text, token_ids, finish_reason}], policy_version}].
         Every request waits for weight version `min_version` or newer (see `_serving`)."""
-        async with self._serving(min_version=min_version):
-            return await self._sample(_as_prompts(prompts), k, self._sampling(temperature, top_p, max_new_tokens, seed))
+        async with self._serving(min_version=min_version) as version:
+            return await self._sample(_as_prompts(prompts), k, self._sampling(temperature, top_p, max_new_tokens, seed),
+                                      version)
 
-    async def _sample(self, prompts: list[Prompt], k: int, sampling: dict[str, Any]) -> list[dict]:
+    async def _sample(self, prompts: list[Prompt], k: int, sampling: dict[str, Any], version: int) -> list[dict]:
         start = time.perf_counter()
         outs = await self._generate(self._prompt_ids(prompts), num_samples=k, **sampling)
         elapsed = time.perf_counter() - start
@@ -182,7 +190,7 @@ class GeneratorActor:
             self.counters["samples"] += len(samples)
             self.counters["tokens"] += sum(len(s.token_ids) for s in samples)
             results.append({
-                "prompt_id": p.prompt_id, "prompt": p.text, "policy_version": self.policy_version,
+                "prompt_id": p.prompt_id, "prompt": p.text, "policy_version": version,
                 "samples": [{"text": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason}
                             for s in samples],
                 "seconds": elapsed,
@@ -208,12 +216,12 @@ class GeneratorActor:
         prompts = _as_prompts(prompts)
         if len(prompts) != len(chosen):
             raise ValueError(f"{len(prompts)} prompts but {len(chosen)} chosen responses")
-        async with self._serving(min_version=min_version):
+        async with self._serving(min_version=min_version) as version:
             return await self._segment_rollout(prompts, chosen, segment_len or self.cfg.sapo.segment_len,
-                                               self._sampling(temperature, top_p, None, seed))
+                                               self._sampling(temperature, top_p, None, seed), version)
 
     async def _segment_rollout(self, prompts: list[Prompt], chosen: list[str], seg: int,
-                               sampling: dict[str, Any]) -> list[dict]:
+                               sampling: dict[str, Any], version: int) -> list[dict]:
         eos = self.tokenizer.eos_token_id
         chosen_ids = [self.tokenizer(c + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c in chosen]
         gen = torch.Generator().manual_seed(self._seed(self._calls) if sampling["seed"] is None else sampling["seed"])
@@ -230,19 +238,19 @@ class GeneratorActor:
             results.append({
                 "prompt_id": prompts[i].prompt_id, "prompt": prompts[i].text, "chosen": chosen[i],
                 "rejected": self.tokenizer.decode(spliced.tolist(), skip_special_tokens=True),
-                "cut": int(cuts[i]), "segment_len": g, "policy_version": self.policy_version,
+                "cut": int(cuts[i]), "segment_len": g, "policy_version": version,
             })
         return results
 
     async def revise(self, prompts: list[Prompt | str], responses: list[str], rounds: int | None = None,
                      temperature: float | None = None, seed: int | None = None, min_version: int = 0) -> list[dict]:
         """SRPO: N rounds of self-revision → [{prompt_id, prompt, chain: [response, revision 1, …], policy_version}]."""
-        async with self._serving(min_version=min_version):
+        async with self._serving(min_version=min_version) as version:
             return await self._revise(_as_prompts(prompts), list(responses), rounds,
-                                      self._sampling(temperature, None, None, seed))
+                                      self._sampling(temperature, None, None, seed), version)
 
     async def _revise(self, prompts: list[Prompt], responses: list[str], rounds: int | None,
-                      sampling: dict[str, Any]) -> list[dict]:
+                      sampling: dict[str, Any], version: int) -> list[dict]:
         rounds = self.cfg.srpo.revisions if rounds is None else rounds
         chains = [[r] for r in responses]
         for _ in range(rounds):  # selfplay.generation.revise, a round at a time on this engine
@@ -250,7 +258,7 @@ class GeneratorActor:
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in asks]
             for chain, out in zip(chains, await self._generate(ids, num_samples=1, **sampling)):
                 chain.append(out[0].text)
-        return [{"prompt_id": p.prompt_id, "prompt": p.text, "chain": c, "policy_version": self.policy_version}
+        return [{"prompt_id": p.prompt_id, "prompt": p.text, "chain": c, "policy_version": version}
                 for p, c in zip(prompts, chains)]
 
     async def sample_and_revise(self, prompts: list[Prompt | str], k: int = 1, rounds: int | None = None,
@@ -258,10 +266,10 @@ class GeneratorActor:
         """SRPO in one call: K sampled answers per prompt, then `rounds` self-revisions of the first one.
         → [{prompt_id, prompt, samples: [text × K], chain: [first answer, revision 1, …], policy_version}]."""
         prompts = _as_prompts(prompts)
-        async with self._serving(min_version=min_version):  # one version for both parts
-            first = await self._sample(prompts, k, self._sampling(None, None, None, seed))
+        async with self._serving(min_version=min_version) as version:  # one version for both parts
+            first = await self._sample(prompts, k, self._sampling(None, None, None, seed), version)
             revised = await self._revise(prompts, [r["samples"][0]["text"] for r in first], rounds,
-                                         self._sampling(None, None, None, None if seed is None else seed + 1))
+                                         self._sampling(None, None, None, None if seed is None else seed + 1), version)
         return [{**rev, "samples": [s["text"] for s in r["samples"]]} for r, rev in zip(first, revised)]
 
     # -- weights -------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def requests_in_flight(policy: str, prompts: list, requests: int, repeats: int =
     lengths = [LENGTHS[i % len(LENGTHS)] for i in range(requests)]
 
     def run(window: int) -> tuple[float, int]:
-        pending, done, tokens, start = list(lengths), [], 0, time.perf_counter()
+        pending, tokens, start = list(lengths), 0, time.perf_counter()
         flying: list = []
         while pending or flying:
             while pending and len(flying) < window:

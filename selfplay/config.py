@@ -213,6 +213,10 @@ class WeightSyncConfig:
     transport: Literal["object_store", "collective"] = "object_store"  # collective: a broadcast group (gloo/NCCL)
     # weights travel as buckets of this many MiB, streamed: sender and receivers each hold ~2 beside the model
     bucket_mb: int = 64
+    # vLLM: a load does not wait for the requests running on a generator; they are preempted, their KV recomputed
+    # with the new weights, and they go on (as slime and AReaL do). A row records the version its request started
+    # with, the oldest that contributed. False: a load waits for them, and each request is served by one version
+    mid_request: bool = False
 
 
 @dataclass
@@ -583,6 +587,8 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
           "must be >= 0 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
+    check(not cfg.weight_sync.mid_request or cfg.generation.backend == "vllm", "weight_sync.mid_request",
+          "needs generation.backend: vllm (only vLLM resumes a running request on new weights)")
     check(cfg.generation.prompts_per_request >= 1, "generation.prompts_per_request", "must be >= 1")
     check(cfg.generation.requests_in_flight >= 1, "generation.requests_in_flight", "must be >= 1")
     check(cfg.eval.prompts >= 1, "eval.prompts", "must be >= 1")

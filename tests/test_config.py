@@ -65,6 +65,7 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
         ("train:\n  max_policy_lag: -1\n", "train.max_policy_lag", "must be >= 0 or null"),
         ("eval:\n  every_seconds: -5\n", "eval.every_seconds", "must be >= 0"),
         ("generation:\n  requests_in_flight: 0\n", "generation.requests_in_flight", "must be >= 1"),
+        ("weight_sync:\n  mid_request: true\n", "weight_sync.mid_request", "needs generation.backend: vllm"),
         ("train:\n  batch_size: 3\nresources:\n  num_learners: 2\n", "train.batch_size", "divide evenly"),
     ],
 )

@@ -111,6 +111,42 @@ def test_vllm_requests_in_flight_run_together_and_a_load_between_them_splits_the
     assert ray.get(gen.load_weights.remote(version + 2, same.buckets, same.manifest, same.checksums)) == version + 2
 
 
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed")
+def test_with_mid_request_a_load_lands_inside_a_running_request_and_it_goes_on_with_the_new_weights(
+        ray_cluster, tiny_dir):
+    """weight_sync.mid_request: the load does not wait. The untrained tiny model never emits EOS, so a request of
+    400 new tokens runs hundreds of engine steps; the load is sent right after it. The new version (a zero final
+    norm: every logit 0, greedy emits token 0) takes over mid-sequence: each response is the old version's
+    tokens up to the load, then token 0 to the end. The results record the version the request started with."""
+    import ray
+    from safetensors.torch import load_file
+
+    from actors.generator import GeneratorActor
+
+    cfg = load_config(None, ["generation.backend=vllm", "weight_sync.mid_request=true"])
+    gen = GeneratorActor.options(num_cpus=0.25).remote(cfg.to_dict(), str(tiny_dir), 2)
+    state = load_file(str(tiny_dir / "model.safetensors"))
+
+    def request(min_version=0):
+        return gen.sample.remote(PROMPTS, k=1, temperature=0.0, max_new_tokens=400, min_version=min_version)
+
+    alone = [r["samples"][0]["token_ids"] for r in ray.get(request(), timeout=300)]
+    assert all(len(t) == 400 and 0 not in t for t in alone)
+    update = pack_buckets({**state, "model.norm.weight": torch.zeros_like(state["model.norm.weight"])})
+    running = request()
+    load = gen.load_weights.remote(1, update.buckets, update.manifest, update.checksums)
+    after = request(min_version=1)
+    running, after = ray.get(running, timeout=300), ray.get(after, timeout=300)
+    assert ray.get(load) == 1 and ray.get(gen.stats.remote())["loads_mid_request"] == 1
+    for old, result in zip(alone, running):
+        tokens = result["samples"][0]["token_ids"]
+        switched = tokens.index(0)  # the first token of the new version
+        assert 0 < switched < 400 and tokens[:switched] == old[:switched] and set(tokens[switched:]) == {0}
+    assert {r["policy_version"] for r in running} == {0}  # the version it started with
+    assert all(r["samples"][0]["token_ids"] == [0] * 400 and r["policy_version"] == 1 for r in after)
+    ray.kill(gen)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bad_update_is_refused_and_a_mix_of_versions_is_never_served(generators, backend):
     import ray

@@ -186,7 +186,9 @@ class VLLMBackend:
             self._load_adapter(dict(named))
             return
         self.llm.collective_rpc(_reload_weights, args=(named if self.tensor_parallel_size == 1 else list(named),))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        # cached KV was computed with the old weights; requests still running (`generate_async`, loaded between
+        # two engine steps) are preempted and recompute theirs with the new weights when they resume
+        self.llm.reset_prefix_cache(reset_running_requests=True)
 
     def _load_adapter(self, state: dict[str, torch.Tensor]) -> None:
         """Serve `state` (the policy adapter, PEFT's saved names) from the next request on: a new id and name per
