@@ -278,11 +278,14 @@ class GeneratorActor:
         """Join the learners' weight broadcast group as a receiver."""
         from actors.weight_sync import BroadcastChannel
 
+        if getattr(self, "channel", None) is not None:  # a new group (a member was restarted): the old one goes
+            self.channel.close()
         self.channel = BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend)
         return True
 
     async def receive_weights(self) -> int:
         """Receive one broadcast update, loading each bucket into the engine as it arrives (see `load_weights`)."""
+        self.holds.enter("receive")  # chaos tests: a member stuck inside a broadcast (the whole process held)
         async with self._loading():
             version, manifest, sizes, buckets = self.channel.receive(reuse_buffers=self.backend.copies_on_load)
             return self._apply(version, manifest, sizes, buckets)
@@ -379,7 +382,8 @@ class GeneratorActor:
         return self.policy_version
 
     def hold(self, point: str, marker: str, skip: int = 0) -> None:
-        """Chaos tests: hold the next `request` (after `skip` more) until this process is killed (actors/faults.py)."""
+        """Chaos tests: hold the next `request` or `receive` (after `skip` more) until this process is killed
+        (actors/faults.py)."""
         self.holds.arm(point, marker, skip)
 
     def stats(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from selfplay.lora import (
 from selfplay.objectives import encode_rows, preference_loss
 from selfplay.recipes import make_recipe
 from selfplay.weights import (
+    WeightSyncError,
     bucket_entries,
     bucket_sizes,
     checksum,
@@ -428,6 +429,8 @@ class LearnerActor:
         """Join the weight broadcast group as its sender (rank 0 only)."""
         from actors.weight_sync import BroadcastChannel
 
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
         self.channel = BroadcastChannel(host, port, rank, size, timeout_s=timeout_s, backend=backend)
         return True
 
@@ -444,7 +447,17 @@ class LearnerActor:
                 pass
             return None
         self.version += int(bump)
-        sent = self.channel.send(self.version, manifest, buckets)
+        try:
+            if self.channel is None:
+                raise WeightSyncError("learner rank 0 has no weight broadcast group (a broken one was closed)")
+            sent = self.channel.send(self.version, manifest, buckets)
+        except WeightSyncError:  # a receiver died: close the group so the others fail now, not at their timeout,
+            if self.channel is not None:  # and take part in the remaining gathers (ZeRO-3: every rank, every bucket)
+                self.channel.close()
+                self.channel = None
+            for _ in buckets:
+                pass
+            raise
         self._busy_since(start)
         return {"version": self.version, "nbytes": sent, "buckets": len(bucket_sizes(manifest))}
 

@@ -14,6 +14,11 @@ it arrives, after that bucket's checksum. Neither side holds more than about two
 
 `async` mode does not wait for the generators' acknowledgements (the learners' next step is queued behind the
 publish); `sync` mode waits for every one. Every wait has a deadline and names the generator.
+
+A restarted generator gets the newest weights before it serves again (`restore_generator`): the last object-store
+version, or — a broadcast group cannot take a new member — a new group for every member and a new version for
+every generator (`_rejoin`). A member that dies mid-broadcast fails it for the others at once: rank 0 closes the
+group when a send fails, and every pending broadcast is settled before the new group opens.
 """
 
 from __future__ import annotations
@@ -54,16 +59,34 @@ class BroadcastChannel:
 
     def _post(self, *tensors: torch.Tensor) -> list:
         """Start broadcasting `tensors` (on this channel's device) from rank 0; the works to wait on."""
-        return [self.group.broadcast(t, 0) for t in tensors]
+        if self.group is None:
+            raise WeightSyncError("this weight broadcast group was closed; a new one must be opened")
+        try:
+            return [self.group.broadcast(t, 0) for t in tensors]
+        except RuntimeError as e:
+            raise WeightSyncError(f"weight broadcast failed: {e}") from None
+
+    @staticmethod
+    def _wait(works: list) -> None:
+        """A member that died (or closed the group) fails every wait on it: WeightSyncError, not a hang."""
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as e:
+            raise WeightSyncError(f"weight broadcast failed: {e}") from None
+
+    def close(self) -> None:
+        """Drop the group: its connections close, so a member still waiting on it fails at once."""
+        self.group = self.store = None
 
     def _header(self, header: dict | None = None) -> dict:
         """Send (rank 0) or receive the JSON header, whole, before any bucket."""
         data = json.dumps(header).encode() if self.rank == 0 else b""
         length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        self._post(length)[0].wait()
+        self._wait(self._post(length))
         raw = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if self.rank == 0
                else torch.empty(int(length.item()), dtype=torch.uint8, device=self.device))
-        self._post(raw)[0].wait()
+        self._wait(self._post(raw))
         return header if self.rank == 0 else json.loads(bytes(raw.cpu().numpy()))
 
     def send(self, version: int, manifest: list[dict], buckets: Iterable[torch.Tensor]) -> int:
@@ -79,11 +102,9 @@ class BroadcastChannel:
             in_flight.append((tensors, self._post(*tensors)))
             sent += bucket.numel()
             while len(in_flight) >= self.IN_FLIGHT:  # the previous bucket is delivered before the next is filled
-                for work in in_flight.popleft()[1]:
-                    work.wait()
+                self._wait(in_flight.popleft()[1])
         for _, works in in_flight:
-            for work in works:
-                work.wait()
+            self._wait(works)
         if sent != sum(sizes):
             raise WeightSyncError(f"sent {sent} bytes of weights, the manifest announced {sum(sizes)}")
         return sent
@@ -119,17 +140,18 @@ class BroadcastChannel:
                     post(following)
                     following += 1
                 i, bucket, check, works = posted.popleft()
-                for work in works:
-                    work.wait()
+                self._wait(works)
                 yield verified(i, bucket, int(check.item()))
         finally:  # the sender goes on to the end: receive what is left (one bucket at a time) and drop it
-            for i in range(following, len(sizes) + 1):
-                for *_, works in posted:
-                    for work in works:
-                        work.wait()
-                posted.clear()
-                if i < len(sizes):
-                    post(i)
+            try:
+                for i in range(following, len(sizes) + 1):
+                    for *_, works in posted:
+                        self._wait(works)
+                    posted.clear()
+                    if i < len(sizes):
+                        post(i)
+            except WeightSyncError:
+                pass  # the group broke: there is nothing left to stay in step with
 
 
 @dataclass
@@ -208,8 +230,17 @@ class WeightSync:
 
     def _dispatch(self, push: Push, timeout_s: float) -> None:
         """Rank 0 has published: check its version; object store: send every generator its load call (collective:
-        their receive calls went out with the publish)."""
-        pub = get_all(dict(enumerate(push.publishing)), timeout_s, f"publish v{push.version}", "learner rank")[0]
+        their receive calls went out with the publish). A broadcast that failed because a generator died brings
+        that generator back (`_rejoin`: this push is superseded)."""
+        try:
+            pub = get_all(dict(enumerate(push.publishing)), timeout_s, f"publish v{push.version}", "learner rank")[0]
+        except WeightSyncError:
+            dead = self._dead_receivers(push) if self.transport == "collective" else []
+            if not dead:
+                raise
+            for i in dead:
+                self.on_generator_died(i)
+            return
         if pub["version"] != push.version:
             raise WeightSyncError(f"learner rank 0 published version {pub['version']}, expected {push.version}")
         if self.transport == "object_store":
@@ -223,10 +254,14 @@ class WeightSync:
         (non-blocking)."""
         done = []
         for push in list(self.pending):
+            if push not in self.pending:  # superseded by a rejoin meanwhile
+                continue
             if push.publishing:
                 ready, _ = ray.wait(push.publishing, num_returns=len(push.publishing), timeout=0)
                 if len(ready) == len(push.publishing):
                     self._dispatch(push, self.timeout_s)
+                    if push not in self.pending:
+                        continue
             if not push.publishing:
                 ready, _ = ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=0)
                 if len(ready) == len(push.acks):
@@ -242,9 +277,10 @@ class WeightSync:
     def wait(self) -> None:
         """Block until every pending version is acknowledged (or raise, naming the learner or generator)."""
         for push in list(self.pending):
-            if push.publishing:
+            if push in self.pending and push.publishing:
                 self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
-            self._finish(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
+            if push in self.pending:  # (not superseded by a rejoin)
+                self._finish(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
 
     def _finish(self, push: Push, timeout_s: float | None = None) -> None:
         while True:
@@ -254,7 +290,16 @@ class WeightSync:
                 break
             except ActorDiedError as e:  # restarted by Ray: it gets the newest weights before it serves again
                 self.on_generator_died(e.key)
+                if push not in self.pending:  # superseded: the rejoin pushed a newer version to every generator
+                    return
                 push.acks.pop(e.key)
+            except WeightSyncError:  # collective: a broadcast a dead member broke; bring that one back
+                dead = self._dead_receivers(push) if self.transport == "collective" else []
+                if not dead:
+                    raise
+                for i in dead:
+                    self.on_generator_died(i)
+                return
         for i, v in versions.items():
             self.generator_versions[i] = max(self.generator_versions[i], v)
         self.latencies.append(time.perf_counter() - push.started)
@@ -263,10 +308,9 @@ class WeightSync:
     def restore_generator(self, i: int) -> None:
         """Generator i was restarted by Ray and serves its initial weights: load the newest published version
         into it before it serves again (the recovery rule around it: `actors.remote.recover`)."""
-        if self.transport != "object_store" and self.latest_version:
-            raise RuntimeError(f"generator {i} was restarted, but the {self.transport!r} weight transport "
-                               "cannot bring it the current weights; use the object_store transport for "
-                               "restartable generators, or resume the run from its last checkpoint")
+        if self.transport == "collective" and self.latest_version:
+            self._rejoin(i)
+            return
         pub, self.generator_versions[i], self.sent_versions[i] = self.last_published, 0, 0
         if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
             self.generator_versions[i] = get_all({i: self.generators[i].serve_initial_weights.remote()},
@@ -277,6 +321,33 @@ class WeightSync:
             self.sent_versions[i] = pub["version"]
             self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
                                                  "generator")[i]
+
+    def _rejoin(self, i: int) -> None:
+        """Collective, generator i restarted: let every broadcast already asked for end (rank 0 closed a group a
+        dead member broke, so its other members fail at once instead of at their timeout), open a new group with
+        every member, and push the learners' weights as a new version to every generator (one that failed
+        part-way serves nothing until then)."""
+        for push in self.pending:
+            refs = [*(push.publishing or []), *push.acks.values()]
+            ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)  # each returns or fails: either is fine
+        self.pending = []
+        self.generator_versions[i] = self.sent_versions[i] = 0
+        self._open_channel()  # a member that is gone takes the group with it
+        self.push()
+        self.wait()
+
+    def _dead_receivers(self, push: Push) -> list[int]:
+        """The generators whose receive call of `push` failed because they died."""
+        ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=self.timeout_s)
+        dead = []
+        for i, ref in push.acks.items():
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except Exception:  # noqa: BLE001 — a live receiver whose broadcast broke: the rejoin brings it back
+                pass
+        return dead
 
     def version_lag(self, learner_version: int) -> dict[int, int]:
         """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""

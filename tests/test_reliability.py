@@ -96,6 +96,29 @@ def test_killed_generator_judge_and_replay_shard_are_restarted_and_nothing_is_lo
     assert json.loads((out / "summary.json").read_text())["actor_restarts"] == summary["actor_restarts"]
 
 
+def test_a_generator_killed_inside_a_broadcast_rejoins_the_collective_group(ray_cluster, tmp_path, warm_policy_dir):
+    """weight_sync.transport: collective, async, two generators. Generator 0 is killed while it holds up a weight
+    broadcast (inside its second receive): rank 0's send fails and it closes the group, so generator 1's receive
+    fails at once instead of at its timeout; the restarted generator 0 comes back through a new group that every
+    member joins, and a new version goes to both. The run finishes with both on the final version."""
+    steps = 8
+    cfg = demo_config("sppo", "async", quick=True, extra=[
+        f"train.steps={steps}", f"model.policy={warm_policy_dir}", "eval.prompts=10", "resources.generator_cpus=0.25",
+        "resources.num_generators=2", "weight_sync.transport=collective", "weight_sync.bucket_mb=1"])
+    out = tmp_path / "collective-chaos"
+    driver, thread, result = start_driver(cfg, out)
+    wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
+    marker = tmp_path / "receive.held"
+    ray_cluster.get(driver.generators[0].hold.remote("receive", str(marker), 1), timeout=120)
+    started = time.time()
+    kill_when_held(ray_cluster, {"generator": (driver.generators[0], marker)}, thread)
+    summary = finish(thread, result)
+    assert time.time() - started < 300  # nobody waited out a broadcast timeout (600 s)
+    assert summary["learner_steps"] == steps and summary["actor_restarts"]["generator"] == 1
+    assert summary["policy_version"] == steps + 1  # every step's push, and the rejoin's
+    assert summary["generator_versions"] == [steps + 1] * 2
+
+
 def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoints" / f"step_{step}" / "model" / "model.safetensors"))
 
