@@ -29,7 +29,7 @@ import torch
 
 from actors.faults import HoldPoints
 from actors.placement import Placement
-from actors.remote import get_all, peak_rss_mb
+from actors.remote import get_all, peak_rss_mb, reset_peak_rss
 from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.lora import (
@@ -292,9 +292,8 @@ class LearnerActor:
                 "placement": placement, "partitioned": self.partitioned, "peak_rss_mb": peak_rss_mb()}
 
     def reset_peak_memory(self) -> None:
-        """Start `peak_rss_mb` over (Linux: /proc/self/clear_refs), e.g. after loading, to measure training."""
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        """Start `peak_rss_mb` over, e.g. after loading, to measure training."""
+        reset_peak_rss()
 
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO, DeepSpeed does not report the norm: gradients are full (and all-reduced) here."""

@@ -27,11 +27,26 @@ def restarted() -> bool:
     return ray.get_runtime_context().was_current_actor_reconstructed
 
 
-def peak_rss_mb() -> float:
-    """Inside an actor: the most resident memory its process has held (since it started or its last reset with
-    /proc/self/clear_refs), in MiB."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def peak_rss_mb() -> float:
+    """Inside an actor: the most resident memory its process has held (since it started or its last
+    `reset_peak_rss`), in MiB."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """The resident memory of this process now, in MiB."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Start `peak_rss_mb` over from the memory held now (Linux: VmHWM := VmRSS)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role: str) -> dict[Any, Any]:

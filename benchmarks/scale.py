@@ -119,8 +119,11 @@ def selfplay_run(name: str, directory: Path, lora: int = 0) -> dict:
     """`selfplay run` at rung `name`: SPPO, 2 ZeRO-3 learners (micro-batch 1, checkpointing, 256-token responses),
     1 hf generator, a random PairRM judge (a random policy's text ties under the sort task's rule judge), 4 steps
     with a weight push after each, full fine-tuning or LoRA of rank `lora`; each actor's resident peak from
-    summary.json."""
+    summary.json, the driver's (this process's, measured from the run's start) included."""
+    import gc
+
     from actors.driver import Driver
+    from actors.remote import reset_peak_rss, rss_mb
     from selfplay.config import load_config
     from selfplay.judges.pairrm import save_random_pairrm
     from selfplay.tiny import build_tokenizer
@@ -133,11 +136,15 @@ def selfplay_run(name: str, directory: Path, lora: int = 0) -> dict:
         "train.max_response_tokens=256", "generation.max_new_tokens=256", "generation.prompts_per_request=2",
         "sppo.k=2", "train.steps=4", "train.lr=1e-6", "eval.prompts=4", "eval.every=0", "logging.log_every=1",
         f"model.lora.rank={lora}"])
+    gc.collect()
+    reset_peak_rss()  # the model built above is not the driver's: measure from here
+    driver_start = rss_mb()
     t0 = time.perf_counter()
     result = Driver(cfg, directory / "run", log=lambda line: print(line, file=sys.stderr)).run()
     return {"model": name, "parameters": n, "lora_rank": lora, "learner_steps": result["learner_steps"],
             "weight_syncs": result["weight_syncs"], "rows_lost": result["rows_lost"],
             "peak_rss_mb": result["peak_rss_mb"], "loop_seconds": result["loop_seconds"],
+            "driver_rss_at_start_mb": round(driver_start), "driver_peak_rss_mb": round(result["driver_peak_rss_mb"]),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

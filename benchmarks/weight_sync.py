@@ -29,7 +29,7 @@ import zlib
 import ray
 import torch
 
-from actors.remote import peak_rss_mb
+from actors.remote import peak_rss_mb, reset_peak_rss, rss_mb
 from actors.weight_sync import BroadcastChannel
 from selfplay.weights import (
     bucket_entries,
@@ -71,17 +71,11 @@ def make_state(specs, zeros: bool = False) -> dict[str, torch.Tensor]:
             for n, (s, d) in specs.items()}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 class Measured:
     """Peak memory of one push above what the process held before it."""
 
     def start(self) -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+        reset_peak_rss()
         self.before = rss_mb()
 
     def extra_mb(self) -> float:
