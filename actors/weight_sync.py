@@ -235,11 +235,8 @@ class WeightSync:
         try:
             pub = get_all(dict(enumerate(push.publishing)), timeout_s, f"publish v{push.version}", "learner rank")[0]
         except WeightSyncError:
-            dead = self._dead_receivers(push) if self.transport == "collective" else []
-            if not dead:
+            if not self._revive_dead_receivers(push):
                 raise
-            for i in dead:
-                self.on_generator_died(i)
             return
         if pub["version"] != push.version:
             raise WeightSyncError(f"learner rank 0 published version {pub['version']}, expected {push.version}")
@@ -293,12 +290,9 @@ class WeightSync:
                 if push not in self.pending:  # superseded: the rejoin pushed a newer version to every generator
                     return
                 push.acks.pop(e.key)
-            except WeightSyncError:  # collective: a broadcast a dead member broke; bring that one back
-                dead = self._dead_receivers(push) if self.transport == "collective" else []
-                if not dead:
+            except WeightSyncError:  # collective: a broadcast a dead member broke?
+                if not self._revive_dead_receivers(push):
                     raise
-                for i in dead:
-                    self.on_generator_died(i)
                 return
         for i, v in versions.items():
             self.generator_versions[i] = max(self.generator_versions[i], v)
@@ -336,8 +330,11 @@ class WeightSync:
         self.push()
         self.wait()
 
-    def _dead_receivers(self, push: Push) -> list[int]:
-        """The generators whose receive call of `push` failed because they died."""
+    def _revive_dead_receivers(self, push: Push) -> bool:
+        """Collective, `push` failed: bring back every generator whose receive call failed because it died
+        (`_rejoin`, which supersedes the push). False when none did: the failure is not a death's."""
+        if self.transport != "collective":
+            return False
         ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=self.timeout_s)
         dead = []
         for i, ref in push.acks.items():
@@ -347,7 +344,9 @@ class WeightSync:
                 dead.append(i)
             except Exception:  # noqa: BLE001 — a live receiver whose broadcast broke: the rejoin brings it back
                 pass
-        return dead
+        for i in dead:
+            self.on_generator_died(i)
+        return bool(dead)
 
     def version_lag(self, learner_version: int) -> dict[int, int]:
         """Per generator: how many versions behind the learner it serves (the `weight_version_lag` metric)."""
