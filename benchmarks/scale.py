@@ -115,7 +115,7 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
             "publish_mb": round(published["nbytes"] / 2**20, 1)}
 
 
-def selfplay_run(name: str, directory: Path, lora: int = 0) -> dict:
+def selfplay_run(name: str, directory: Path, lora: int = 0, transport: str = "object_store") -> dict:
     """`selfplay run` at rung `name`: SPPO, 2 ZeRO-3 learners (micro-batch 1, checkpointing, 256-token responses),
     1 hf generator, a random PairRM judge (a random policy's text ties under the sort task's rule judge), 4 steps
     with a weight push after each, full fine-tuning or LoRA of rank `lora`; each actor's resident peak from
@@ -135,13 +135,14 @@ def selfplay_run(name: str, directory: Path, lora: int = 0) -> dict:
         "train.zero_stage=3", "train.batch_size=2", "train.micro_batch_size=1", "train.gradient_checkpointing=true",
         "train.max_response_tokens=256", "generation.max_new_tokens=256", "generation.prompts_per_request=2",
         "sppo.k=2", "train.steps=4", "train.lr=1e-6", "eval.prompts=4", "eval.every=0", "logging.log_every=1",
-        f"model.lora.rank={lora}"])
+        f"model.lora.rank={lora}", f"weight_sync.transport={transport}"])
     gc.collect()
     reset_peak_rss()  # the model built above is not the driver's: measure from here
     driver_start = rss_mb()
     t0 = time.perf_counter()
     result = Driver(cfg, directory / "run", log=lambda line: print(line, file=sys.stderr)).run()
-    return {"model": name, "parameters": n, "lora_rank": lora, "learner_steps": result["learner_steps"],
+    return {"model": name, "parameters": n, "lora_rank": lora, "transport": transport,
+            "learner_steps": result["learner_steps"],
             "weight_syncs": result["weight_syncs"], "rows_lost": result["rows_lost"],
             "peak_rss_mb": result["peak_rss_mb"], "loop_seconds": result["loop_seconds"],
             "driver_rss_at_start_mb": round(driver_start), "driver_peak_rss_mb": round(result["driver_peak_rss_mb"]),
@@ -159,6 +160,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--selfplay-run", action="store_true",
                         help="only a 4-step SPPO `selfplay run` at the largest rung (--quick: ~100M), its peak "
                              "memory per actor added to --out as `selfplay_run`")
+    parser.add_argument("--transport", default="object_store", choices=("object_store", "collective"),
+                        help="--selfplay-run: its weight_sync.transport (collective: no version kept in the object "
+                             "store)")
     parser.add_argument("--lora", type=int, metavar="RANK",
                         help="only full fine-tuning vs LoRA of this rank at --rungs (default: the largest), both "
                              "layouts side by side: step time, peak memory, publish bytes; added to --out as `lora`. "
@@ -221,11 +225,12 @@ def run_only(args) -> dict:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run = selfplay_run("qwen2-100m" if args.quick else "qwen2-0.5b", Path(tmp), args.lora or 0)
+            run = selfplay_run("qwen2-100m" if args.quick else "qwen2-0.5b", Path(tmp), args.lora or 0, args.transport)
     finally:
         ray.shutdown()
     run["command"] = "python -m benchmarks.scale --selfplay-run" + (" --quick" if args.quick else "") \
-        + (f" --lora {args.lora}" if args.lora else "")
+        + (f" --lora {args.lora}" if args.lora else "") \
+        + (f" --transport {args.transport}" if args.transport != "object_store" else "")
     run["machine"] = machine()
     out_path = Path(args.out)
     out = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale"}
