@@ -29,7 +29,7 @@ import torch
 
 from actors.faults import HoldPoints
 from actors.placement import Placement
-from actors.remote import get_all, peak_rss_mb, reset_peak_rss
+from actors.remote import ActorDiedError, get_all, peak_rss_mb, reset_peak_rss
 from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.lora import (
@@ -127,6 +127,7 @@ def _skip_deepspeed_jit_ops() -> None:
 # than its tensors, and two ranks hit the memory limit at step 2. A fixed threshold returns every block of 4 MiB
 # or more to the OS when it is freed (docs/benchmarks.md, "Scale ladder").
 CPU_LEARNER_ENV = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}}
+DEATH_SETTLE_S = 60.0  # a failed collective: how long the other ranks get to report a death
 
 
 @ray.remote
@@ -688,5 +689,21 @@ class LearnerGroup:
             self.placement.remove()
 
     def _get(self, refs: list, what: str) -> list:
-        results = get_all(dict(enumerate(refs)), self.timeout_s, what, "learner rank")
+        try:
+            results = get_all(dict(enumerate(refs)), self.timeout_s, what, "learner rank")
+        except ActorDiedError:
+            raise
+        except Exception as e:
+            # a rank that dies fails its peers' collectives (gloo: "Connection reset by peer"): name the dead rank,
+            # so that the run resumes from its checkpoint instead of stopping on a peer's transport error
+            ray.wait(refs, num_returns=len(refs), timeout=DEATH_SETTLE_S)
+            for rank, ref in enumerate(refs):
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError as died:
+                    raise ActorDiedError(f"learner rank {rank}: actor died during {what}: {died}", rank,
+                                         "learner rank") from e
+                except Exception:  # noqa: BLE001 — a live rank's failure: the one raised below
+                    pass
+            raise
         return [results[i] for i in range(len(refs))]

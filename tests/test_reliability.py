@@ -124,18 +124,21 @@ def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_a_learner_failure_resumes_from_the_last_checkpoint_by_itself(ray_cluster, tmp_path, warm_policy_dir):
+    """Two learner ranks; rank 1 dies inside step 7 (as Ray's memory monitor kills one). Rank 0's collective then
+    fails with gloo's `Connection reset by peer`, which must still be read as rank 1's death: the run resumes."""
     cfg = demo_config("sppo", "sync", quick=True, extra=[
         "train.steps=12", "train.checkpoint_every=2", "train.max_resumes=1", f"model.policy={warm_policy_dir}",
-        "eval.prompts=10", "resources.generator_cpus=0.25"])
+        "eval.prompts=10", "resources.generator_cpus=0.25", "resources.num_learners=2",
+        "resources.learner_cpus=0.5"])
     out = tmp_path / "learner-dies"
     driver, thread, result = start_driver(cfg, out)
     wait_for(lambda: driver.sync is not None or not thread.is_alive(), 300, "the actors")
-    # rank 0 dies inside step 7: the checkpoints of steps 2, 4 and 6 are written, the run is not finished
+    # rank 1 dies inside step 7: the checkpoints of steps 2, 4 and 6 are written, the run is not finished
     marker = tmp_path / "learner.held"
-    ray_cluster.get(driver.learners.actors[0].hold.remote("train_step 7", str(marker)), timeout=120)
+    ray_cluster.get(driver.learners.actors[1].hold.remote("train_step 7", str(marker)), timeout=120)
     wait_for(lambda: marker.exists() or not thread.is_alive(), 300, "step 7")
     assert (out / "checkpoints" / "step_6" / "driver_state.json").exists()
-    ray_cluster.kill(driver.learners.actors[0])
+    ray_cluster.kill(driver.learners.actors[1])
     summary = finish(thread, result)
     assert summary["resumed_from"] == [6] and summary["learner_steps"] == cfg.train.steps
     assert summary["rows_lost"] == 0
