@@ -1,12 +1,12 @@
 """A run's evaluation on its own actors: the policy against the initial one on held-out prompts, answered by the
 generators' engines and scored by the judge actors. The driver loads no model; it splits the prompts and
-aggregates (docs/architecture.md, "Evaluation").
+aggregates (docs/architecture.md, "The driver": evaluation).
 
 - The initial policy answers once per attempt, at its start, while every generator still serves version 0.
 - When an evaluation is due (`eval.every`, `eval.every_seconds`), learner rank 0 writes the policy — what it
   publishes, streamed a tensor at a time — to `out_dir/evals/step_N.safetensors` (shared storage on a cluster);
-  the files are evaluated after the training loop, so an evaluation never stalls training, then deleted. The final
-  policy is read from the final checkpoint.
+  the files are evaluated after the training loop (inside it the learners only write them), then deleted. The
+  final policy is read from the final checkpoint.
 - To evaluate a file, every generator loads it (`load_policy_file`) and answers its share of the prompts; the
   judges compare each share with the initial answers.
 """

@@ -7,7 +7,7 @@ serves exactly one weight version at a time.
 - `revise`: SRPO's self-revisions;
 - `load_weights` / `receive_weights`: a versioned update, loaded bucket by bucket as it arrives; the manifest
   (names, shapes, dtypes) is checked before any tensor moves and each bucket's checksum before its tensors do.
-  an update waits for the requests already started and requests that come after it wait for it, so a request
+  An update waits for the requests already started and requests that come after it wait for it, so a request
   never sees two versions;
 - `answer` / `load_policy_file`: the run's evaluation (actors/evaluation.py) — answers with the weights served
   now, or with a policy a learner saved to a file (after which training requests are refused until a pushed
@@ -17,7 +17,8 @@ started with, the oldest that contributed).
 
 The actor is asynchronous: with a backend that can (`concurrent`: vLLM) several requests are in flight at once
 and share the engine's running batch (`generation.requests_in_flight`, set by the driver); with the others
-(hf) each request holds the event loop until it is done, one at a time. Calls start in the order they were sent.
+(hf) each request holds the event loop until it is done, one at a time. Ray does not keep the order of calls to
+an asynchronous actor, so each request names the weight version it must be served with (`min_version`).
 """
 
 from __future__ import annotations
