@@ -302,7 +302,7 @@ class WeightSync:
     def restore_generator(self, i: int) -> None:
         """Generator i was restarted by Ray and serves its initial weights: load the newest published version
         into it before it serves again (the recovery rule around it: `actors.remote.recover`)."""
-        if self.transport == "collective" and self.latest_version:
+        if self.transport == "collective":  # (even before the first push: the new process is in no group)
             self._rejoin(i)
             return
         pub, self.generator_versions[i], self.sent_versions[i] = self.last_published, 0, 0
