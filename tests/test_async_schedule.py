@@ -36,10 +36,12 @@ def test_async_with_lag_0_trains_what_sync_trains(ray_cluster, tmp_path, warm_po
 def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_path, warm_policy_dir):
     """Lag 1, each row trained once, oldest first: step n trains rows generated with θ_{n-1} (the round θ_n
     generates meanwhile is step n+1's), whatever ties leave short; no round is generated before the weights it
-    should use. The policy is also kept every 0.5 s of the loop and evaluated afterwards (eval.every_seconds).
+    should use. The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated
+    afterwards on the generator.
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
-                                "replay.max_reuse=1", "replay.sampling=fifo_oldest", "eval.every_seconds=0.5")
+                                "replay.max_reuse=1", "replay.sampling=fifo_oldest", "eval.every_seconds=0.5",
+                                "eval.every=4")
     steps = cfg.train.steps
     assert [r["trained_version_lag_max"] for r in records] == [0] + [1] * (steps - 1)
     assert all(r["trained_times_sampled"] == 1 for r in records)
@@ -51,3 +53,4 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     assert timed[-1]["seconds"] == summary["loop_seconds"] and timed[-1]["step"] == steps
     assert timed[-1]["winrate_vs_initial"] == summary["winrate_vs_initial"]
     assert all(0 <= e["winrate_vs_initial"] <= 1 and 0 < e["step"] <= steps for e in timed)
+    assert [e["step"] for e in summary["evals"]] == [4, steps]
