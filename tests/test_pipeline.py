@@ -95,7 +95,8 @@ def test_sapo_and_srpo_run_end_to_end(ray_cluster, tmp_path, algorithm):
 
 def test_collective_weight_transport_runs_end_to_end_in_async_mode(ray_cluster, tmp_path, warm_policy_dir):
     """`weight_sync.transport: collective` (a gloo broadcast group here) on the demo config: every push reaches
-    the generator, which ends serving the final version. (Sync mode over the collective: test_multinode.py.)"""
+    the generator, which ends serving the final version. (Sync mode over the collective: test_multinode.py.)
+    Unbounded (learners queue a step ahead), but not past an `eval.every` step: its file holds that step's policy."""
     mode = "async"
     from pathlib import Path
 
@@ -105,11 +106,11 @@ def test_collective_weight_transport_runs_end_to_end_in_async_mode(ray_cluster, 
     demo_yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     cfg = load_config(str(demo_yaml), [
         "weight_sync.transport=collective", "weight_sync.bucket_mb=1", "train.steps=8", f"mode={mode}",
-        f"model.policy={warm_policy_dir}", "eval.prompts=10", "eval.every=0", "logging.log_every=4",
-        "resources.generator_cpus=0.25"])
+        f"model.policy={warm_policy_dir}", "eval.prompts=10", "eval.every=4", "logging.log_every=4",
+        "resources.generator_cpus=0.25", "train.max_policy_lag=null"])
     summary = Driver(cfg, tmp_path / f"collective-{mode}", log=print).run()
     assert summary["learner_steps"] == 8 and summary["weight_syncs"] == 8 and summary["policy_version"] == 8
-    assert summary["generator_versions"] == [8]
+    assert summary["generator_versions"] == [8] and [e["step"] for e in summary["evals"]] == [4, 8]
     peaks = summary["peak_rss_mb"]  # each actor process's resident peak: a model and Python at least
     assert len(peaks["generators"]) == 1 and len(peaks["learners"]) == 1
     assert all(100 < mb < 16_000 for mb in peaks["generators"] + peaks["learners"])
