@@ -213,6 +213,9 @@ class WeightSync:
         """Publish the current weights as a new version (republish: as the learners' current version, for
         generators that start after a resume); in sync mode, return once every generator serves it."""
         self.latest_version += 0 if republish else 1
+        # the object store holds one version, not two: a generator restarted from here on is loaded by this
+        # push's dispatch (or, once it has been dispatched, from this push's buckets)
+        self.last_published = None
         method = "publish" if self.transport == "object_store" else "publish_broadcast"
         push = Push(self.latest_version, time.perf_counter(),
                     publishing=self.learners.call_async(method, self.which, self.bucket_bytes, not republish))
@@ -305,16 +308,22 @@ class WeightSync:
         if self.transport == "collective":  # (even before the first push: the new process is in no group)
             self._rejoin(i)
             return
-        pub, self.generator_versions[i], self.sent_versions[i] = self.last_published, 0, 0
+        self.generator_versions[i], self.sent_versions[i] = 0, 0
         if self.latest_version == 0:  # nothing ever published: its initial weights are the current ones
             self.generator_versions[i] = get_all({i: self.generators[i].serve_initial_weights.remote()},
                                                  self.timeout_s, "restart", "generator")[i]
-        elif pub is not None:  # (none yet: the first push is still being published, and its loads bring them)
-            ack = self.generators[i].load_weights.remote(pub["version"], pub["buckets"], pub["manifest"],
-                                                         pub["checksums"])
-            self.sent_versions[i] = pub["version"]
-            self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{pub['version']}",
-                                                 "generator")[i]
+            return
+        publishing = [p for p in self.pending if p.publishing]
+        if self.last_published is None and publishing:  # the last version was released when this one began:
+            push = publishing[0]                           # wait for it; its loads include generator i
+            self._dispatch(push, self.timeout_s)
+            version, ack = push.version, push.acks[i]
+        else:
+            pub = self.last_published
+            version = pub["version"]
+            ack = self.generators[i].load_weights.remote(version, pub["buckets"], pub["manifest"], pub["checksums"])
+        self.sent_versions[i] = version
+        self.generator_versions[i] = get_all({i: ack}, self.timeout_s, f"load weights v{version}", "generator")[i]
 
     def _rejoin(self, i: int) -> None:
         """Collective, generator i restarted: let every broadcast already asked for end (rank 0 closed a group a
