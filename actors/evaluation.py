@@ -35,7 +35,7 @@ class Evaluation:
     def _answer(self, seed: int) -> list[str]:
         """Every generator answers its share with the weights it serves now."""
         sampling = eval_sampling(self.cfg)
-        refs = {i: g.answer.remote([p.text for p in share], seed=seed, **sampling)
+        refs = {i: g.answer.remote(share, seed=seed, **sampling)  # Prompts: a multi-turn chat stays one
                 for i, (g, share) in enumerate(zip(self.generators, self.shares)) if share}
         answers = get_all(refs, TIMEOUT_S, "evaluation answers", "generator")
         return [text for i in sorted(answers) for text in answers[i]]
