@@ -29,7 +29,7 @@ import torch
 
 from actors.faults import HoldPoints
 from actors.placement import Placement
-from actors.remote import ActorDiedError, get_all, peak_rss_mb, reset_peak_rss
+from actors.remote import ActorDiedError, dead_actors, get_all, peak_rss_mb, reset_peak_rss
 from selfplay.config import Config
 from selfplay.ema import ema_update
 from selfplay.lora import (
@@ -696,14 +696,9 @@ class LearnerGroup:
         except Exception as e:
             # a rank that dies fails its peers' collectives (gloo: "Connection reset by peer"): name the dead rank,
             # so that the run resumes from its checkpoint instead of stopping on a peer's transport error
-            ray.wait(refs, num_returns=len(refs), timeout=DEATH_SETTLE_S)
-            for rank, ref in enumerate(refs):
-                try:
-                    ray.get(ref, timeout=0)
-                except ray.exceptions.RayActorError as died:
-                    raise ActorDiedError(f"learner rank {rank}: actor died during {what}: {died}", rank,
-                                         "learner rank") from e
-                except Exception:  # noqa: BLE001 — a live rank's failure: the one raised below
-                    pass
+            dead = dead_actors(dict(enumerate(refs)), DEATH_SETTLE_S)
+            if dead:
+                raise ActorDiedError(f"learner rank {dead[0]}: actor died during {what} ({e})", dead[0],
+                                     "learner rank") from e
             raise
         return [results[i] for i in range(len(refs))]

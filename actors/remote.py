@@ -70,6 +70,21 @@ def get_all(refs: Mapping[Any, ray.ObjectRef], timeout_s: float, what: str, role
     return out
 
 
+def dead_actors(refs: Mapping[Any, ray.ObjectRef], timeout_s: float) -> list[Any]:
+    """After a collective call failed: let every call settle (within `timeout_s`) and return the keys of those
+    whose actor died. A member that dies fails its peers with a transport error; this names the member."""
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    dead = []
+    for key, ref in refs.items():
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            dead.append(key)
+        except Exception:  # noqa: BLE001 — a live actor's failure (or one not yet settled): not a death
+            pass
+    return dead
+
+
 def _plain(exc: BaseException) -> bool:
     """Exceptions that can be rebuilt from a message (the common built-in ones)."""
     return type(exc).__module__ == "builtins"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from actors.remote import ActorDiedError, get_all, recover
+from actors.remote import ActorDiedError, dead_actors, get_all, recover
 from selfplay.weights import WeightSyncError, bucket_sizes, checksum_tensor, verified
 
 
@@ -344,15 +344,7 @@ class WeightSync:
         (`_rejoin`, which supersedes the push). False when none did: the failure is not a death's."""
         if self.transport != "collective":
             return False
-        ray.wait(list(push.acks.values()), num_returns=len(push.acks), timeout=self.timeout_s)
-        dead = []
-        for i, ref in push.acks.items():
-            try:
-                ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError:
-                dead.append(i)
-            except Exception:  # noqa: BLE001 — a live receiver whose broadcast broke: the rejoin brings it back
-                pass
+        dead = dead_actors(push.acks, self.timeout_s)  # a live receiver whose broadcast broke: the rejoin's too
         for i in dead:
             self.on_generator_died(i)
         return bool(dead)
