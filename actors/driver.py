@@ -237,6 +237,8 @@ class Driver:
     def _run_sync(self) -> None:
         cfg = self.cfg
         for step in range(self.counters.learner_steps, cfg.train.steps):
+            if self._out_of_time():
+                break
             self._refresh_reference(step)
             for _ in range(MAX_ROUNDS):  # one round per step; more only while ties leave the buffer short
                 for i in range(len(self.generators)):
@@ -259,11 +261,11 @@ class Driver:
         depth = 2 if lag is None else 1
         training: collections.deque = collections.deque()  # (refs, started, rows) per queued step
         submitted = self.counters.learner_steps
-        while self.counters.learner_steps < cfg.train.steps:
+        while self.counters.learner_steps < cfg.train.steps and not (self._out_of_time() and not training):
             for i in self.inflight.idle():
                 if self._may_generate():
                     self.inflight.send(i)
-            while (len(training) < depth and submitted < cfg.train.steps
+            while (len(training) < depth and submitted < cfg.train.steps and not self._out_of_time()
                    and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
                 self._refresh_reference(submitted)
@@ -321,6 +323,12 @@ class Driver:
         """Prompts judged before step `step` (0-based) trains, as in the sync loop: one round (every generator,
         prompts_per_request each) per step, plus the extra requests sent while ties left the buffer short."""
         return (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request + self.extra_prompts
+
+    def _out_of_time(self) -> bool:
+        """`train.max_seconds` of this attempt's training loop are up (and a step was trained): no new step starts;
+        the queued ones finish."""
+        limit = self.cfg.train.max_seconds
+        return limit is not None and self.counters.learner_steps > 0 and time.perf_counter() - self.t0 >= limit
 
     def _sample_batch(self, required: bool):
         rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync.latest_version)

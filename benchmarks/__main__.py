@@ -53,10 +53,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _pm(summary: dict, mode: str) -> str:
-    """A final win rate with its s.e. over seeds (one seed: the figure alone)."""
-    se = summary[f"{mode}_final_se"]
-    return f"{summary[f'{mode}_final']:.3f}" + ("" if se is None else f" ± {se:.3f}")
+def _pm(summary: dict, mode: str, suffix: str = "_final") -> str:
+    """A win rate with its s.e. over seeds (one seed: the figure alone; not measured: —)."""
+    if f"{mode}{suffix}" not in summary:
+        return "—"
+    se = summary[f"{mode}{suffix}_se"]
+    return f"{summary[f'{mode}{suffix}']:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def _fmt(x) -> str:
@@ -108,10 +110,12 @@ def tables(results: dict[str, dict]) -> str:
             out += [f"\n{x['layout']}: not measured, {x['skipped']}." for x in rows if "skipped" in x]
         elif name == "time_to_quality":
             out.append(_table(
-                ["algorithm", "seeds", "sync final", "async final", "sync loop s", "async loop s",
-                 "async s to sync final (per seed)", "async / sync time", "ideal (busiest stage)"],
+                ["algorithm", "seeds", "sync final", "async final, same wall time", "async at sync's steps",
+                 "loop s", "async steps/s over sync", "async s to sync final (per seed)", "async / sync time",
+                 "ideal (busiest stage)"],
                 [[a, len(x["seeds"]), _pm(x["summary"], "sync"), _pm(x["summary"], "async"),
-                  x["summary"]["sync_seconds"], x["summary"]["async_seconds"],
+                  _pm(x["summary"], "async_at_sync_steps", ""), x["summary"]["sync_seconds"],
+                  f"{x['summary'].get('async_speedup', '—')}×",
                   ", ".join("—" if t is None else f"{t:.0f}" for t in x["summary"]["async_seconds_to_sync_final"]),
                   "not reached" if x["summary"]["async_time_ratio"] is None else f"**{x['summary']['async_time_ratio']}×**",
                   f"{x['summary']['ideal_overlap_ratio']}×"]

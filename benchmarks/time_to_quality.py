@@ -46,18 +46,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.system()
 
 
-def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, out: Path, extra: list[str]) -> dict:
-    cfg = demo_config(algorithm, mode, extra=[f"seed={seed}", f"out_dir={out}", "eval.every=0",
-                                              f"eval.every_seconds={every}", "logging.log_every=1000",
-                                              *(QUICK if quick else []), *extra])
+def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, out: Path, extra: list[str],
+             budget: float | None = None) -> dict:
+    """One run. `budget` (async): train for that many loop seconds — sync's loop time for the same seed — instead
+    of sync's step count, with the same step-based schedules (SPPO's 60-step iterations) and the policy also kept at
+    sync's last step (its win rate there is what `selfplay demo --mode async` ends at)."""
+    sets = [f"seed={seed}", f"out_dir={out}", "eval.every=0", f"eval.every_seconds={every}", "logging.log_every=1000",
+            *(QUICK if quick else []), *extra]
+    cfg = demo_config(algorithm, mode, extra=sets)
+    steps = cfg.train.steps
+    if budget is not None:  # room for every step the budget allows (3× sync's: async runs ~1.5–2× as fast)
+        cfg = demo_config(algorithm, mode, extra=[*sets, f"train.max_seconds={budget}", f"train.steps={3 * steps}",
+                                                  f"sppo.iterations={3 * cfg.sppo.iterations}", f"eval.every={steps}"])
     s = Driver(cfg, out, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True)
                if m.startswith("[eval]") else None).run()
     busy_generator = s["loop_seconds"] * (1 - s["generator_idle_fraction"])
     busy_learner = s["loop_seconds"] * (1 - s["learner_idle_fraction"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     lags = [r["trained_version_lag"] for r in records if "trained_version_lag" in r]
+    at_steps = next((e for e in s["evals"] if e["step"] == steps), None)
     return {"seed": seed, "mode": mode, "loop_seconds": s["loop_seconds"], "steps": s["learner_steps"],
             "winrate": round(s["winrate_vs_initial"], 4), "stderr": round(s["winrate_stderr"], 4),
+            # the win rate after as many steps as the sync run makes (async: passed on the way)
+            "winrate_at_sync_steps": at_steps and round(at_steps["winrate_vs_initial"], 4),
             "busy_generator_seconds": round(busy_generator, 1), "busy_learner_seconds": round(busy_learner, 1),
             "mean_trained_version_lag": round(sum(lags) / max(len(lags), 1), 3),
             "rows_added": s["rows_added"], "samples_trained": s["samples_trained"],
@@ -104,7 +115,13 @@ def summarize(runs: list[dict]) -> dict:
     t_mean = first_reach([[t, w] for t, w in mean_async], out["sync_final"])
     out["async_seconds_to_mean_sync_final"] = t_mean
     out["async_time_ratio"] = None if t_mean is None else round(t_mean / sync_seconds, 3)
-    out["async_loop_ratio"] = round(out["async_seconds"] / sync_seconds, 3)
+    at_steps = [r["winrate_at_sync_steps"] for r in by_mode["async"] if r["winrate_at_sync_steps"] is not None]
+    if at_steps:  # async after sync's step count: where `selfplay demo --mode async` ends
+        m, se = mean_se(at_steps)
+        out["async_at_sync_steps"], out["async_at_sync_steps_se"] = round(m, 4), se and round(se, 4)
+    # steps per loop second, async over sync: the overlap's speed-up alone
+    rate = {m: sum(r["steps"] / r["loop_seconds"] for r in rs) / len(rs) for m, rs in by_mode.items()}
+    out["async_speedup"] = round(rate["async"] / rate["sync"], 3)
     # a pipeline is no faster than its busiest stage: sync's generator or learner busy time over sync's loop
     bound = [max(r["busy_generator_seconds"], r["busy_learner_seconds"]) / r["loop_seconds"] for r in by_mode["sync"]]
     out["ideal_overlap_ratio"] = round(sum(bound) / len(bound), 3)
@@ -176,11 +193,15 @@ def main(argv=None) -> dict:
             runs = []
             for seed in seeds:
                 for mode in ("sync", "async"):  # side by side: same seed, prompts, warm-up and machine
+                    # async gets sync's wall time (equal-time comparison), not its step count
+                    budget = runs[-1]["loop_seconds"] if mode == "async" else None
                     run = run_once(algorithm, mode, seed, every, args.quick, workdir / f"{algorithm}-{mode}-{seed}",
-                                   args.set)
+                                   args.set, budget)
                     runs.append(run)
                     print(f"[time_to_quality] {algorithm} seed {seed} {mode}: {run['winrate']:.3f} ± {run['stderr']:.3f}"
-                          f" in {run['loop_seconds']:.0f}s (trained version lag {run['mean_trained_version_lag']:.2f})",
+                          f" after {run['steps']} steps in {run['loop_seconds']:.0f}s (at step "
+                          f"{runs[-2 if mode == 'async' else -1]['steps']}: {run['winrate_at_sync_steps']}; trained "
+                          f"version lag {run['mean_trained_version_lag']:.2f})",
                           file=sys.stderr, flush=True)
             results[algorithm] = {"summary": summarize(runs), "seeds": seeds, "runs": runs}
             print(f"[time_to_quality] {algorithm}: {json.dumps(results[algorithm]['summary'])}", file=sys.stderr,

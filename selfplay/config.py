@@ -153,6 +153,10 @@ class TrainConfig:
     # generator), generated at most N policy versions before the weights it trains (generation waits for new
     # weights); 1 = one-step off-policy. None: nothing waits (rows trained many versions late, and re-trained)
     max_policy_lag: int | None = 1
+    # stop the training loop after this many seconds of it (at least one step; the steps started finish, then the
+    # final checkpoint and evaluation); None: train.steps decides. A resumed attempt counts its own loop. Step-based
+    # schedules (SPPO iterations, eval.every, checkpoint_every) still count in train.steps
+    max_seconds: float | None = None
     # merged last into the DeepSpeed config the learner writes (docs/cluster.md), e.g.
     # {zero_optimization: {stage3_max_live_parameters: 100000000}}; a key ours sets is replaced, nested keys merge
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -585,6 +589,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> list[str]:
     check(cfg.replay.max_reuse is None or cfg.replay.max_reuse >= 1, "replay.max_reuse", "must be >= 1 or null")
     check(cfg.train.max_policy_lag is None or cfg.train.max_policy_lag >= 0, "train.max_policy_lag",
           "must be >= 0 or null")
+    check(cfg.train.max_seconds is None or cfg.train.max_seconds > 0, "train.max_seconds", "must be > 0 or null")
     check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     check(not cfg.weight_sync.mid_request or cfg.generation.backend == "vllm", "weight_sync.mid_request",

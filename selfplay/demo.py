@@ -30,6 +30,13 @@ ALGORITHM = {
              "replay.sampling=least_sampled"],
     "srpo": ["srpo.k=4", "srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
+# async mode, on-policy recipes: the buffer is a queue — every row trained once, exactly one version old (the
+# bounded schedule's round for step n is made with θ_{n-1}) instead of a 64-row window of rows one and two versions
+# old, re-sampled at random. Measured: ahead of the window at equal wall time (docs/benchmarks.md, "Time to
+# quality"). SAPO keeps its window: its pairs are off-policy by design (the EMA's segments)
+ASYNC = {"sppo": ["replay.sampling=fifo_oldest", "replay.max_reuse=1"],
+         "srpo": ["replay.sampling=fifo_oldest", "replay.max_reuse=1"],
+         "sapo": []}
 # with model.lora.rank set (and no train.lr of the user's): LoRA's usual ~10× the full model's learning rate; with
 # it, rank 8 reached 0.668 ± 0.021 vs initial in 300 SPPO steps (README)
 LORA_LR = "train.lr=2e-3"
@@ -40,7 +47,8 @@ QUICK = ["train.steps=12", "train.batch_size=16", "generation.prompts_per_reques
 def demo_overrides(algorithm: str = "sppo", mode: str = "sync", quick: bool = False) -> list[str]:
     if algorithm not in ALGORITHM:
         raise ValueError(f"unknown algorithm {algorithm!r}; use one of {sorted(ALGORITHM)}")
-    return [f"algorithm={algorithm}", f"mode={mode}", *COMMON, *ALGORITHM[algorithm], *(QUICK if quick else [])]
+    return [f"algorithm={algorithm}", f"mode={mode}", *COMMON, *ALGORITHM[algorithm],
+            *(ASYNC[algorithm] if mode == "async" else []), *(QUICK if quick else [])]
 
 
 def demo_config(algorithm: str = "sppo", mode: str = "sync", quick: bool = False, extra: list[str] = ()) -> Config:

@@ -26,7 +26,8 @@ def test_async_with_lag_0_trains_what_sync_trains(ray_cluster, tmp_path, warm_po
     """Lag 0: generation waits for the newest weights and the learner for the rows they made: the sync schedule,
     driven by the async loop. Same seeds, same rows, same versions → the same losses."""
     _, sync, sync_records = run(tmp_path / "sync", "sync", warm_policy_dir)
-    _, lag0, lag0_records = run(tmp_path / "lag0", "async", warm_policy_dir, "train.max_policy_lag=0")
+    _, lag0, lag0_records = run(tmp_path / "lag0", "async", warm_policy_dir, "train.max_policy_lag=0",
+                                "replay.sampling=uniform", "replay.max_reuse=null")  # the sync demo's window
     assert [r["trained_version_lag_max"] for r in lag0_records] == [r["trained_version_lag_max"] for r in sync_records]
     assert lag0["rows_added"] == sync["rows_added"]
     assert [r["loss"] for r in lag0_records] == pytest.approx([r["loss"] for r in sync_records], rel=1e-5)
@@ -54,3 +55,12 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     assert timed[-1]["winrate_vs_initial"] == summary["winrate_vs_initial"]
     assert all(0 <= e["winrate_vs_initial"] <= 1 and 0 < e["step"] <= steps for e in timed)
     assert [e["step"] for e in summary["evals"]] == [4, steps]
+
+
+def test_max_seconds_stops_the_loop_after_the_step_in_progress(ray_cluster, tmp_path, warm_policy_dir):
+    """train.max_seconds: no step starts once the loop's time is up, but at least one is trained, and the run ends
+    as a full one (final checkpoint, evaluation, summary). A limit that is up before step 1 ends stops it at 1."""
+    cfg, summary, records = run(tmp_path / "budget", "async", warm_policy_dir, "train.max_seconds=0.001")
+    assert summary["learner_steps"] == 1 and [r["step"] for r in records] == [1]
+    assert [e["step"] for e in summary["evals"]] == [1] and 0 <= summary["winrate_vs_initial"] <= 1
+    assert (tmp_path / "budget" / "checkpoints" / "step_1").is_dir()

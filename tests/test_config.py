@@ -63,6 +63,7 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
         ("train:\n  loss_average: mean\n", "train.loss_average", "expected one of 'sum', 'token_mean'"),
         ("sapo:\n  reference_update_every: -1\n", "sapo.reference_update_every", "must be >= 0"),
         ("train:\n  max_policy_lag: -1\n", "train.max_policy_lag", "must be >= 0 or null"),
+        ("train:\n  max_seconds: 0\n", "train.max_seconds", "must be > 0 or null"),
         ("eval:\n  every_seconds: -5\n", "eval.every_seconds", "must be >= 0"),
         ("generation:\n  requests_in_flight: 0\n", "generation.requests_in_flight", "must be >= 1"),
         ("weight_sync:\n  mid_request: true\n", "weight_sync.mid_request", "needs generation.backend: vllm"),

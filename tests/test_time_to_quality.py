@@ -5,17 +5,18 @@ import pytest
 from benchmarks.time_to_quality import at, first_reach, mean_se, summarize
 
 
-def run(mode, seed, final, seconds, curve, busy_generator, busy_learner):
+def run(mode, seed, final, seconds, curve, busy_generator, busy_learner, steps=300, at_steps=None):
     return {"mode": mode, "seed": seed, "winrate": final, "loop_seconds": seconds, "curve": curve,
-            "busy_generator_seconds": busy_generator, "busy_learner_seconds": busy_learner}
+            "busy_generator_seconds": busy_generator, "busy_learner_seconds": busy_learner, "steps": steps,
+            "winrate_at_sync_steps": final if at_steps is None and mode == "sync" else at_steps}
 
 
 def test_async_time_to_sync_final_and_the_busiest_stage_bound():
     runs = [
         run("sync", 0, 0.70, 400.0, [[100, 0.6], [300, 0.71], [400, 0.70]], 240.0, 130.0),
-        run("async", 0, 0.72, 260.0, [[100, 0.65], [200, 0.70], [260, 0.72]], 250.0, 140.0),
+        run("async", 0, 0.72, 260.0, [[100, 0.65], [200, 0.70], [260, 0.72]], 250.0, 140.0, steps=390, at_steps=0.71),
         run("sync", 1, 0.66, 420.0, [[200, 0.62], [420, 0.66]], 260.0, 120.0),
-        run("async", 1, 0.62, 270.0, [[200, 0.60], [270, 0.62]], 260.0, 130.0),  # never reaches 0.66
+        run("async", 1, 0.62, 270.0, [[200, 0.60], [270, 0.62]], 260.0, 130.0, steps=540, at_steps=0.61),  # < 0.66
     ]
     s = summarize(runs)
     assert s["sync_final"] == pytest.approx(0.68) and s["async_final"] == pytest.approx(0.67)
@@ -27,7 +28,9 @@ def test_async_time_to_sync_final_and_the_busiest_stage_bound():
     # the mean async curve: (0.65+0.5)/2 at 100 s, (0.70+0.60)/2 = 0.65 at 200 s, 0.67 at 260 s and 270 s: it
     # never reaches the mean sync final 0.68
     assert s["async_seconds_to_mean_sync_final"] is None and s["async_time_ratio"] is None
-    assert s["async_loop_ratio"] == round(265 / 410, 3)
+    # steps per second: sync 300/400 and 300/420, async 390/260 and 540/270 → (1.5 + 2.0) / 2 over 0.7321
+    assert s["async_speedup"] == round(1.75 / ((300 / 400 + 300 / 420) / 2), 3)
+    assert s["async_at_sync_steps"] == pytest.approx(0.66) and s["async_at_sync_steps_se"] == pytest.approx(0.05)
     assert s["ideal_overlap_ratio"] == round((240 / 400 + 260 / 420) / 2, 3)
 
 
