@@ -216,7 +216,7 @@ def run_ours(cfg, out_dir: Path) -> tuple[dict[str, Any], float]:
 # -- the benchmark -------------------------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, mode: str = "async", trl_threads: int = 1) -> dict[str, Any]:
+def run(quick: bool = False, mode: str = "async", trl_threads: int = 1, seed: int = 0) -> dict[str, Any]:
     if importlib.util.find_spec("trl") is None:
         return dict(SKIPPED)
     from actors.driver import Driver
@@ -229,7 +229,8 @@ def run(quick: bool = False, mode: str = "async", trl_threads: int = 1) -> dict[
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     # eval.every=0: no evaluation inside our training loop, so the budget is training time only
-    extra = [f"out_dir={workdir / 'ours'}", "eval.every=0"] + ([f"train.steps={QUICK_STEPS}"] if quick else [])
+    extra = [f"seed={seed}", f"out_dir={workdir / 'ours'}", "eval.every=0"] + (
+        [f"train.steps={QUICK_STEPS}"] if quick else [])
     cfg = demo_config("sppo", mode, quick=quick, extra=extra)
 
     with contextlib.redirect_stdout(sys.stderr):  # Ray, the driver and TRL print progress; stdout is for JSON
@@ -260,7 +261,8 @@ def run(quick: bool = False, mode: str = "async", trl_threads: int = 1) -> dict[
     })
     out = {
         "benchmark": "peer", "command": "python -m benchmarks.peer" + (" --quick" if quick else "")
-        + (f" --mode {mode}" if mode != "async" else "") + (f" --trl-threads {trl_threads}" if trl_threads != 1 else ""),
+        + (f" --mode {mode}" if mode != "async" else "") + (f" --trl-threads {trl_threads}" if trl_threads != 1 else "")
+        + (f" --seed {seed}" if seed else ""), "seed": seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
                    f"Python {platform.python_version()}",
         "model": "tiny (0.44M params), warmed up", "task": "sort", "judge": f"rule (temperature {cfg.judge.temperature})",
@@ -289,8 +291,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the demo's --quick settings (12 steps)")
     parser.add_argument("--mode", choices=("async", "sync"), default="async", help="our pipeline's mode")
     parser.add_argument("--trl-threads", type=int, default=1, help="torch threads for TRL's trainer (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="the demo's seed: warm-up, prompts, sampling (default 0)")
     args = parser.parse_args(argv)
-    out = run(quick=args.quick, mode=args.mode, trl_threads=args.trl_threads)
+    out = run(quick=args.quick, mode=args.mode, trl_threads=args.trl_threads, seed=args.seed)
     print(json.dumps(out))
     return out
 
