@@ -249,7 +249,7 @@ def headline(results: dict[str, dict]) -> list[str]:
         reached = "never reaches" if t["async_time_ratio"] is None else f"reaches at {t['async_time_ratio']}× sync's wall time"
         lines.append(f"time to quality {algorithm}: async {reached} sync's final {t['sync_final']:.3f} "
                      f"(target 0.6×; busiest stage {t['ideal_overlap_ratio']}×); "
-                     f"final {t['async_final']:.3f} vs {t['sync_final']:.3f}")
+                     f"at sync's wall time {t['async_final']:.3f} vs {t['sync_final']:.3f}")
     peer = results.get("peer", {})
     if "ours" in peer:
         lines.append(f"peer: ours {peer['ours']['pairs_per_s']:.1f} vs TRL {peer['trl']['pairs_per_s']:.1f} pairs "

@@ -1,17 +1,19 @@
 """Time to quality: how soon sync and async self-play reach a given policy quality, side by side in one run.
 
-For each algorithm and seed, the embedded demo runs twice on the same machine, task, prompts and warm-up: once
-in sync mode and once in async mode (`train.max_policy_lag` as configured: 1 by default). During each run the
-driver keeps a copy of the policy every `--every` seconds of the training loop (`eval.every_seconds`) and
-evaluates the copies after the loop, so evaluation never runs inside the timed loop (docs/benchmarks.md,
-"Time to quality").
+For each algorithm and seed, the embedded demo runs twice on the same machine, task, prompts and warm-up: first in
+sync mode for its `train.steps`, then in async mode (the demo's async settings: `train.max_policy_lag` 1, SPPO and
+SRPO with a one-round buffer) for the same wall time — sync's loop seconds, as `train.max_seconds` — with the same
+step-based schedules (SPPO's iterations keep their length). During each run the driver keeps a copy of the policy
+every `--every` seconds of the training loop (`eval.every_seconds`) and evaluates the copies after the loop, so
+evaluation never runs inside the timed loop (docs/benchmarks.md, "Time to quality").
 
-Reported per algorithm: both modes' final win rate vs the initial policy (mean ± s.e. over seeds), the loop
-seconds, the wall time async needs to reach sync's final win rate — per seed (that seed's sync final) and over
-seeds (the mean async curve against the mean sync final: `async_time_ratio`, its ratio to sync's loop time) — and the
+Reported per algorithm (mean ± s.e. over seeds): sync's final win rate vs the initial policy, async's at the same
+wall time and after sync's step count (what `selfplay demo --mode async` ends at), async's steps per second over
+sync's, the wall time async needs to reach sync's final win rate — per seed (that seed's sync final) and over seeds
+(the mean async curve against the mean sync final: `async_time_ratio`, its ratio to sync's loop time) — and the
 ideal overlap bound measured in the sync run: max(generator busy, learner busy) / sync loop, the ratio of a
-pipeline that only ever waits on its busiest stage. A plot of win rate vs
-wall time (one line per mode, shaded ± s.e. over seeds).
+pipeline that only ever waits on its busiest stage. A plot of win rate vs wall time (one line per mode, shaded
+± s.e. over seeds).
 
     python -m benchmarks.time_to_quality --quick     # SPPO, 1 seed, 100 steps: a few minutes
     python -m benchmarks.time_to_quality             # SPPO, SAPO and SRPO, seeds 0,1,2, 300 steps (long)
@@ -203,7 +205,7 @@ def main(argv=None) -> dict:
                           f"{runs[-2 if mode == 'async' else -1]['steps']}: {run['winrate_at_sync_steps']}; trained "
                           f"version lag {run['mean_trained_version_lag']:.2f})",
                           file=sys.stderr, flush=True)
-            results[algorithm] = {"summary": summarize(runs), "seeds": seeds, "runs": runs}
+            results[algorithm] = {"summary": summarize(runs), "seeds": seeds, "every_seconds": every, "runs": runs}
             print(f"[time_to_quality] {algorithm}: {json.dumps(results[algorithm]['summary'])}", file=sys.stderr,
                   flush=True)
     finally:
