@@ -30,11 +30,11 @@ ALGORITHM = {
              "replay.sampling=least_sampled"],
     "srpo": ["srpo.k=4", "srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
-# async mode, on-policy recipes: a buffer of one round — each step trains its own round's rows, one version old (the
-# bounded schedule makes step n's round with θ_{n-1}), topped up from the round before when ties leave it short —
-# instead of a 64-row window of rows one and two versions old. Measured ahead of the window at equal wall time
-# (docs/benchmarks.md, "Time to quality"). Not a queue (max_reuse 1): a round short by one tie would then stall
-# the learner until the next round is made. SAPO keeps its window: its pairs are off-policy by design
+# async mode, on-policy recipes: a buffer of one round (32 prompts: ≤ 32 rows) — each step trains its own round's
+# rows, one version old (the bounded schedule makes step n's round with θ_{n-1}), topped up from the round before
+# when ties leave it short — instead of a 64-row window of rows one and two versions old. Measured ahead of the
+# window at equal wall time (docs/benchmarks.md, "Time to quality"). Not a queue (max_reuse 1): a round short by one
+# tie would then stall the learner until the next round is made. SAPO keeps its window: off-policy by design
 ASYNC = {"sppo": ["replay.capacity=32"], "srpo": ["replay.capacity=32"], "sapo": []}
 # with model.lora.rank set (and no train.lr of the user's): LoRA's usual ~10× the full model's learning rate; with
 # it, rank 8 reached 0.668 ± 0.021 vs initial in 300 SPPO steps (README)
