@@ -295,10 +295,13 @@ class Driver:
         return any(every and step % every == 0 for every in (self.cfg.train.checkpoint_every, self.cfg.eval.every))
 
     def _may_generate(self) -> bool:
-        """Async: may an idle generator start a request now? Unbounded: always. Bounded by max_policy_lag = N: the
-        prompts of the learner steps up to N ahead of the next one, and only once the newest weights are on their
-        way (their load is queued before the request): the sync loop's rounds, run ahead by N."""
+        """Async: may an idle generator start a request now? Never once `train.max_seconds` is up (no step would
+        train its rows). Unbounded: always. Bounded by max_policy_lag = N: the prompts of the learner steps up to N
+        ahead of the next one, and only once the newest weights are on their way (their load is queued before the
+        request): the sync loop's rounds, run ahead by N."""
         lag = self.cfg.train.max_policy_lag
+        if self._out_of_time():
+            return False
         if lag is None:
             return True
         if any(push.publishing for push in self.sync.pending):
