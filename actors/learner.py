@@ -94,16 +94,38 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, model: torch.nn
 def zero3_limits(model: torch.nn.Module) -> dict[str, int]:
     """ZeRO-3's limits on gathered parameters and gradient buckets, sized to the model rather than DeepSpeed's
     defaults (10⁹ live parameters, 5·10⁸-element buckets: below ~1B parameters the whole model stays gathered).
-    Live: two decoder layers, or the largest single parameter (the embedding) if that is more; the optimizer
-    steps sub-groups of that size (its temporaries are one sub-group, not the rank's whole partition); buckets and
-    prefetch as Hugging Face's "auto" (hidden², 0.9·hidden²; parameters under 10·hidden stay whole)."""
+    Live: two decoder layers. The limit caps only what DeepSpeed gathers ahead of need (prefetch); a larger
+    parameter (the embedding) is still gathered when its module runs. Sized to the embedding instead, it let a
+    0.5B model's backward prefetch ~9 layers at once (+0.5 GiB a rank). The optimizer steps sub-groups of the
+    embedding or two layers, whichever is larger (its temporaries are one sub-group, not the rank's whole
+    partition); buckets and prefetch as Hugging Face's "auto" (hidden², 0.9·hidden²; parameters under 10·hidden
+    stay whole)."""
     sizes = [p.numel() for p in model.parameters()]
     hidden = model.config.hidden_size
     layers = getattr(model.config, "num_hidden_layers", 1) or 1
-    live = max(max(sizes), 2 * (sum(sizes) - max(sizes)) // layers)
-    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live, "sub_group_size": live,
+    two_layers = 2 * (sum(sizes) - max(sizes)) // layers
+    group = max(max(sizes), two_layers)
+    return {"stage3_max_live_parameters": two_layers, "stage3_max_reuse_distance": group, "sub_group_size": group,
             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden), "reduce_bucket_size": hidden * hidden,
             "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def share_master_partitions(optimizer) -> int:
+    """ZeRO-3 keeps an fp32 master copy of each rank's partition. Where the partition already is that copy (fp32
+    weights on the optimizer's device, no offload) DeepSpeed means to use it as its own master ("aliases", in
+    stage3.py), but it compares a torch.device with a device-name string, which is never equal; so fp32 training
+    held every partition twice (0.92 GiB a rank at the 0.5B shape on 2 ranks). Point each master at its partition:
+    its step then updates the weights in place, and DeepSpeed's copy back from master to partition is a copy onto
+    itself. Returns the bytes freed."""
+    saved = 0
+    for part, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", ()),
+                            getattr(optimizer, "fp32_partitioned_groups_flat", ())):
+        if (part is None or master is part or master.data_ptr() == part.data_ptr() or part.dtype != master.dtype
+                or part.device != master.device or part.shape != master.shape or not torch.equal(part, master)):
+            continue
+        master.data = part.data  # the same tensor object: the optimizer's groups and state keep their keys
+        saved += part.numel() * part.element_size()
+    return saved
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +158,9 @@ class LearnerActor:
         self.cfg = Config.from_dict(cfg_dict)
         self.rank, self.world_size, self.policy_path = rank, world_size, policy
         self.on_gpu = torch.cuda.is_available()
-        self.engine = None
+        self.engine = self.reference = self.ema = None
         self.partitioned = False  # ZeRO-3: the reference and the EMA are partitioned like the policy
+        self.master_bytes_shared = 0  # ZeRO-3, fp32: the optimizer's master copy is the partition itself
         self.busy_seconds = 0.0  # training, publishing weights, refreshing the reference: the rest is idle
         self.holds = HoldPoints()  # chaos tests only: hold a step until the test kills this process
 
@@ -178,25 +201,29 @@ class LearnerActor:
             self._init_engine(model, model_parameters=[p for p in model.parameters() if p.requires_grad])
             self.reference = AdapterView(self.engine.module, "reference") if self.spec.needs_reference else None
             self.ema = AdapterView(self.engine.module, "ema") if self.recipe.ema else None
-        else:  # frozen copies: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
-            reference = None
-            if self.spec.needs_reference:  # a separate reference checkpoint, when the config names one
-                from selfplay.models import load_causal_lm
-
-                reference = _frozen_copy(load_causal_lm(cfg.model.reference, cfg.model.dtype, cfg.model.trust_remote_code,
-                                                        self.tokenizer, cfg.seed) if cfg.model.reference else model)
-            ema = _frozen_copy(model) if self.recipe.ema else None
-            ds_config = self._init_engine(model, model_parameters=model.parameters())
-            if self.partitioned:  # the frozen copies too: each rank holds 1/world of them, gathered layer by layer
+        else:  # frozen models: the reference (SPPO refreshes it each iteration) and SAPO's EMA policy
+            needs_reference = self.spec.needs_reference
+            if cfg.train.zero_stage == 3:  # each rank holds 1/world of every model, gathered layer by layer
+                ds_config = self._init_engine(model, model_parameters=model.parameters())
                 frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "zero_allow_untested_optimizer")}
-                reference, ema = (None if m is None else deepspeed.initialize(model=m, config=frozen)[0]
-                                  for m in (reference, ema))
-            else:  # where the policy computes, in its dtype (deepspeed.initialize moved only the policy)
+                separate = self._reference_checkpoint() if needs_reference else None  # loaded once the policy is split
+                self.reference = (deepspeed.initialize(model=separate, config=frozen)[0] if separate is not None
+                                  else self._partitioned_copy(frozen) if needs_reference else None)
+                self.ema = self._partitioned_copy(frozen) if self.recipe.ema else None
+                with torch.no_grad():  # both start as the policy: partition to partition
+                    for which in ("ema",) if separate is not None else ("reference", "ema"):
+                        if getattr(self, which) is not None:
+                            for target, source in self._partition_pairs(which, "policy"):
+                                target.copy_(source)
+            else:  # whole copies on every rank, where the policy computes, in its dtype
+                reference = (self._reference_checkpoint() or _frozen(copy.deepcopy(model))) if needs_reference else None
+                ema = _frozen(copy.deepcopy(model)) if self.recipe.ema else None
+                self._init_engine(model, model_parameters=model.parameters())  # moves only the policy
                 dtype = next(self.engine.module.parameters()).dtype
                 for m in (reference, ema):
                     if m is not None:
                         m.to(device=self.engine.device, dtype=dtype)
-            self.reference, self.ema = reference, ema
+                self.reference, self.ema = reference, ema
         self.step = 0
         self.version = 0
         info = {"rank": self.rank, "parameters": n, "zero_stage": cfg.train.zero_stage,
@@ -208,6 +235,7 @@ class LearnerActor:
                                     "prefetch_bucket_size": e.zero_prefetch_bucket_size(),
                                     "reduce_bucket_size": e.zero_reduce_bucket_size(),
                                     "param_persistence_threshold": e.zero_param_persistence_threshold()}
+            info["master_bytes_shared"] = self.master_bytes_shared
         return info
 
     def _init_engine(self, model: torch.nn.Module, model_parameters) -> dict[str, Any]:
@@ -220,7 +248,39 @@ class LearnerActor:
         # DeepSpeed reads its own checkpoints with a full unpickler (weights_only off), which runs any pickle
         weights_only_checkpoint_loading(self.engine)
         self.partitioned = self.cfg.train.zero_stage == 3
+        if self.partitioned:
+            self.master_bytes_shared = share_master_partitions(self.engine.optimizer)
         return ds_config
+
+    def _reference_checkpoint(self) -> torch.nn.Module | None:
+        """The separate reference checkpoint `model.reference` names, frozen; None: the reference starts as the policy."""
+        from selfplay.models import load_causal_lm
+
+        m = self.cfg.model
+        return _frozen(load_causal_lm(m.reference, m.dtype, m.trust_remote_code, self.tokenizer, self.cfg.seed)) \
+            if m.reference else None
+
+    def _partitioned_copy(self, frozen: dict[str, Any]):
+        """A frozen ZeRO-3 engine of the policy's architecture, built partitioned: under `zero.Init` each module's
+        weights are split as the module is made, and left uninitialized (the caller copies the policy's partitions
+        in). A deepcopy of the loaded policy would have held one more full model per rank (at 7B in bf16, 14.5 GB
+        of host memory per rank per copy)."""
+        import deepspeed
+        from transformers.initialization import no_init_weights
+
+        policy = self.engine.module
+        split = deepspeed.zero.Init(config_dict_or_path=frozen)
+        # the policy's dtype: zero.Init's own `dtype` argument is lost on a CPU (an operator-precedence slip in
+        # DeepSpeed's _set_dtype picks bfloat16 whatever is asked)
+        split.dtype = next(policy.parameters()).ds_tensor.dtype
+        with torch.random.fork_rng(devices=[]), no_init_weights(), split:
+            module = type(policy)(policy.config)
+        module.tie_weights()  # no_init_weights skipped it with the rest of post-init
+        with torch.no_grad():  # buffers (rotary frequencies) are whole on every rank and were not initialized either
+            for (name, buffer), (source_name, source) in zip(module.named_buffers(), policy.named_buffers(), strict=True):
+                assert name == source_name, (name, source_name)
+                buffer.copy_(source)
+        return deepspeed.initialize(model=_frozen(module), config=frozen)[0]
 
     # -- training ---------------------------------------------------------------------------------------------
 
@@ -578,10 +638,9 @@ def _save_model_files(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    frozen = copy.deepcopy(model).eval()
-    frozen.requires_grad_(False)
-    return frozen
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval().requires_grad_(False)
+    return model
 
 
 def _save_rng(out: Path, rank: int) -> None:

@@ -5,8 +5,8 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
 151,936: ~494M parameters). Real LearnerGroups train SPPO pairs of ~65-token prompts and ~60-token responses:
 
 - per rung and layout (1 rank ZeRO-0; 2 ranks ZeRO-3): seconds per learner step (the second; the first warms
-  up), peak resident memory of each learner process while training (measured inside the actor, its peak reset
-  after loading) and then with a publish (rank 0 holds the host copies it sends), publish seconds and bytes;
+  up), peak resident memory of each learner process while loading (policy, reference, engine), while training
+  (measured inside the actor, its peak reset after loading) and then with a publish (rank 0 holds the host copies it sends), publish seconds and bytes;
 - at one size: peak training memory vs batch size (1×, 2×, 4×, 8× a fixed micro-batch of 2 pairs), with and
   without gradient checkpointing.
 
@@ -95,6 +95,7 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
                              f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.lr=1e-5"])
     group = LearnerGroup(cfg, num_cpus=0.5)
     try:
+        loading = [s["peak_rss_mb"] for s in group.stats()]  # the model, the reference and the engine set up
         ray.get([a.reset_peak_memory.remote() for a in group.actors])
         group.train_step(pairs(batch, 0))
         t0 = time.perf_counter()
@@ -110,8 +111,8 @@ def measure(policy: str, learners: int, zero: int, batch: int, micro: int | None
     return {"learners": learners, "zero": zero, "lora_rank": lora, "batch": batch, "micro_batch": micro or batch // learners,
             "trained_parameters": group.info[0]["trained_parameters"],
             "checkpointing": checkpointing, "step_seconds": round(step_s, 3), "tokens": metrics["tokens"],
-            "peak_rss_mb": [round(p) for p in peaks], "peak_with_publish_mb": [round(p) for p in with_publish],
-            "publish_seconds": round(publish_s, 3),
+            "load_peak_rss_mb": [round(p) for p in loading], "peak_rss_mb": [round(p) for p in peaks],
+            "peak_with_publish_mb": [round(p) for p in with_publish], "publish_seconds": round(publish_s, 3),
             "publish_mb": round(published["nbytes"] / 2**20, 1)}
 
 
@@ -198,7 +199,8 @@ def main(argv=None) -> dict:
                 for learners, zero in ((1, 0), (2, 3)):
                     row = {"model": name, "parameters": n, **measure(policy, learners, zero, 4, 2, True)}
                     print(f"[scale] {name} ({n / 1e6:.1f}M) {learners} rank(s) ZeRO-{zero}: "
-                          f"{row['step_seconds']:.2f} s/step, peak {row['peak_rss_mb']} MiB training, "
+                          f"{row['step_seconds']:.2f} s/step, peak {row['load_peak_rss_mb']} MiB loading, "
+                          f"{row['peak_rss_mb']} MiB training, "
                           f"{row['peak_with_publish_mb']} MiB with publish {row['publish_seconds']:.2f} s "
                           f"({row['publish_mb']} MiB)", file=sys.stderr)
                     ladder.append(row)
@@ -212,10 +214,11 @@ def main(argv=None) -> dict:
     finally:
         ray.shutdown()
     command = "python -m benchmarks.scale" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    out = {"benchmark": "scale", "command": command,
-           "machine": machine(), "precision": "fp32",
-           "results": ladder, "memory_vs_batch": memory, "seconds": round(time.perf_counter() - t0, 1)}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out_path = Path(args.out)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {}  # keeps the selfplay runs and LoRA figures
+    out.update({"benchmark": "scale", "command": command, "machine": machine(), "precision": "fp32",
+                "results": ladder, "memory_vs_batch": memory, "seconds": round(time.perf_counter() - t0, 1)})
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
     plot(out, Path(args.plot))
     print(json.dumps(out))
     return out

@@ -90,12 +90,16 @@ def test_micro_batches_accumulate_to_the_update_of_the_whole_batch(ray_cluster, 
 
 
 def test_zero3_partitions_reference_and_ema_and_updates_them_in_place(ray_cluster, tmp_path):
-    """Under ZeRO-3 the reference and SAPO's EMA are partitioned like the policy (each rank holds half): the EMA
+    """Under ZeRO-3 the reference and SAPO's EMA are partitioned like the policy (each rank holds half) and start
+    equal to it, though no rank ever held a full copy of either; the EMA
     moves partition by partition (θ_ema = ½ θ_0 + ½ θ_1 after one step), the reference takes the EMA's partitions
     exactly, and a checkpoint brings both back whole."""
     g = group(2, 3, algorithm="sapo", batch=4, extra=["sapo.ema_every=1", "sapo.ema_alpha=0.5"])
     try:
         theta0 = g.full_state("policy")
+        for which in ("reference", "ema"):  # built partitioned, uninitialized, then filled from the policy's partitions
+            state = g.full_state(which)
+            assert state.keys() == theta0.keys() and all(torch.equal(state[k], theta0[k]) for k in theta0), which
         g.train_step(rows(4))
         theta1, ema = g.full_state("policy"), g.full_state("ema")
         for k in theta0:
@@ -118,27 +122,50 @@ def test_zero3_partitions_reference_and_ema_and_updates_them_in_place(ray_cluste
         resumed.shutdown()
 
 
+def test_zero3_reference_from_its_own_checkpoint(ray_cluster, tmp_path):
+    """`model.reference` names another checkpoint: under ZeRO-3 it is loaded once the policy is partitioned and
+    partitioned in turn; the reference is that checkpoint's weights exactly, not the policy's."""
+    from selfplay.tiny import build_tiny
+
+    other, _ = build_tiny(seed=1, out_dir=tmp_path / "reference")
+    g = group(2, 3, batch=4, extra=[f"model.reference={tmp_path / 'reference'}"])
+    try:
+        reference, policy = g.full_state("reference"), g.full_state("policy")
+        expected = dict(other.named_parameters())
+        assert reference.keys() == expected.keys()
+        assert all(torch.equal(reference[k], expected[k]) for k in expected)
+        assert not all(torch.equal(policy[k], expected[k]) for k in expected)
+        g.train_step(rows(4))
+    finally:
+        g.shutdown()
+
+
 def test_zero3_limits_are_sized_to_the_model_and_train_deepspeed_overrides_them(ray_cluster, tiny):
-    """DeepSpeed's ZeRO-3 defaults keep up to 10⁹ parameters gathered (below ~1B: the whole model); ours are two
-    layers or the largest parameter, and `train.deepspeed` is merged over everything, nested keys one by one."""
+    """DeepSpeed's ZeRO-3 defaults keep up to 10⁹ parameters gathered (below ~1B: the whole model); ours gather
+    at most two layers ahead and step the optimizer in sub-groups of the largest parameter (the embedding) or two
+    layers, and `train.deepspeed` is merged over everything, nested keys one by one."""
     from actors.learner import deepspeed_config
 
     model, _ = tiny
     sizes = [p.numel() for p in model.parameters()]
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    live = max(max(sizes), 2 * (sum(sizes) - max(sizes)) // layers)
+    two_layers = 2 * (sum(sizes) - max(sizes)) // layers  # gathered ahead of need at most
     cfg = load_config(None, ["train.zero_stage=3", "train.deepspeed.zero_optimization.reduce_bucket_size=4096",
                              "train.deepspeed.gradient_clipping=0.5"])
     ds = deepspeed_config(cfg, 2, False, model)
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 4096
-    assert ds["zero_optimization"]["stage3_max_live_parameters"] == live < 10**9
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == two_layers < 10**9
+    sub_group = max(max(sizes), two_layers)  # at 0.5B the embedding (27 % of the parameters) is larger
+    assert ds["zero_optimization"]["sub_group_size"] == ds["zero_optimization"]["stage3_max_reuse_distance"] == sub_group
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
     assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == cfg.train.batch_size
     g = group(2, 3, batch=4, extra=["train.deepspeed.zero_optimization.reduce_bucket_size=4096"])
     try:  # what the engines run with, as DeepSpeed parsed it
         limits = [info["zero3_limits"] for info in g.info]
-        assert limits[0] == limits[1] and limits[0]["max_live_parameters"] == live
+        assert limits[0] == limits[1] and limits[0]["max_live_parameters"] == two_layers
         assert limits[0]["reduce_bucket_size"] == 4096 and limits[0]["param_persistence_threshold"] == 10 * hidden
+        # fp32: the optimizer's master copy is each rank's partition itself, not a second copy of it
+        assert [info["master_bytes_shared"] for info in g.info] == [4 * sum(-(-n // 2) for n in sizes)] * 2
         # CPU learners free large blocks back to the OS (actors/learner.py: CPU_LEARNER_ENV)
         env = ray.get([a.__ray_call__.remote(lambda self: os.environ.get("MALLOC_MMAP_THRESHOLD_")) for a in g.actors])
         assert env == [str(4 << 20)] * 2
