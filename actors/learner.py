@@ -3,7 +3,8 @@
 A `LearnerGroup` (driver side) starts `num_learners` actors, wires them into one torch.distributed group
 (gloo on CPU, NCCL on GPU), splits every batch of replay rows evenly over the ranks and returns rank-averaged
 metrics. Each rank holds the frozen reference model and, for SAPO, the EMA policy, on the engine's device in its
-dtype; both are updated one parameter at a time (gathered one at a time under ZeRO-3). A step runs in
+dtype; both are updated one parameter at a time (under ZeRO-3 partition by partition, and built partitioned:
+no rank ever holds a second full model). A step runs in
 micro-batches of `train.micro_batch_size` pairs whose gradients DeepSpeed accumulates; only rank 0 keeps host
 copies of the weights, to publish and save them (docs/architecture.md, "Learners").
 """
@@ -96,7 +97,7 @@ def zero3_limits(model: torch.nn.Module) -> dict[str, int]:
     defaults (10⁹ live parameters, 5·10⁸-element buckets: below ~1B parameters the whole model stays gathered).
     Live: two decoder layers. The limit caps only what DeepSpeed gathers ahead of need (prefetch); a larger
     parameter (the embedding) is still gathered when its module runs. Sized to the embedding instead, it let a
-    0.5B model's backward prefetch ~9 layers at once (+0.5 GiB a rank). The optimizer steps sub-groups of the
+    0.5B model's backward prefetch ~9 layers at once (a 0.6 GiB rise a rank). The optimizer steps sub-groups of the
     embedding or two layers, whichever is larger (its temporaries are one sub-group, not the rank's whole
     partition); buckets and prefetch as Hugging Face's "auto" (hidden², 0.9·hidden²; parameters under 10·hidden
     stay whole)."""
@@ -118,6 +119,8 @@ def share_master_partitions(optimizer) -> int:
     its step then updates the weights in place, and DeepSpeed's copy back from master to partition is a copy onto
     itself. Returns the bytes freed."""
     saved = 0
+    if getattr(optimizer, "offload_optimizer", False):  # the master lives on the host, by design
+        return saved
     for part, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", ()),
                             getattr(optimizer, "fp32_partitioned_groups_flat", ())):
         if (part is None or master is part or master.data_ptr() == part.data_ptr() or part.dtype != master.dtype
