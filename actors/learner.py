@@ -213,11 +213,9 @@ class LearnerActor:
                 self.reference = (deepspeed.initialize(model=separate, config=frozen)[0] if separate is not None
                                   else self._partitioned_copy(frozen) if needs_reference else None)
                 self.ema = self._partitioned_copy(frozen) if self.recipe.ema else None
-                with torch.no_grad():  # both start as the policy: partition to partition
-                    for which in ("ema",) if separate is not None else ("reference", "ema"):
-                        if getattr(self, which) is not None:
-                            for target, source in self._partition_pairs(which, "policy"):
-                                target.copy_(source)
+                for which in ("ema",) if separate is not None else ("reference", "ema"):  # both start as the policy
+                    if getattr(self, which) is not None:
+                        self._copy_partitions(which, "policy")
             else:  # whole copies on every rank, where the policy computes, in its dtype
                 reference = (self._reference_checkpoint() or _frozen(copy.deepcopy(model))) if needs_reference else None
                 ema = _frozen(copy.deepcopy(model)) if self.recipe.ema else None
@@ -372,15 +370,20 @@ class LearnerActor:
         if self.reference is None:
             return
         start = time.perf_counter()
-        reference = dict(self._named("reference"))
-        with torch.no_grad():
-            if self.partitioned:  # partition to partition: identical layouts
-                for ref, src in self._partition_pairs("reference", source):
-                    ref.copy_(src)
-            else:
+        if self.partitioned:
+            self._copy_partitions("reference", source)
+        else:
+            reference = dict(self._named("reference"))
+            with torch.no_grad():
                 for name, p in self._each_parameter(source):
                     reference[name].copy_(p.detach())
         self._busy_since(start)
+
+    @torch.no_grad()
+    def _copy_partitions(self, target: str, source: str) -> None:
+        """ZeRO-3: `target` ← `source` partition to partition (identical layouts), on every rank."""
+        for t, s in self._partition_pairs(target, source):
+            t.copy_(s)
 
     def _update_ema(self) -> None:
         """θ_ema ← α θ_ema + (1 − α) θ where θ_ema lives: under ZeRO-3 each rank updates its partition."""

@@ -6,7 +6,8 @@ Each rung is a Qwen2-architecture model with random weights built here (no hub):
 
 - per rung and layout (1 rank ZeRO-0; 2 ranks ZeRO-3): seconds per learner step (the second; the first warms
   up), peak resident memory of each learner process while loading (policy, reference, engine), while training
-  (measured inside the actor, its peak reset after loading) and then with a publish (rank 0 holds the host copies it sends), publish seconds and bytes;
+  (measured inside the actor, its peak reset after loading) and then with a publish (rank 0 holds the host
+  copies it sends), publish seconds and bytes;
 - at one size: peak training memory vs batch size (1×, 2×, 4×, 8× a fixed micro-batch of 2 pairs), with and
   without gradient checkpointing.
 
