@@ -159,3 +159,39 @@ def test_generation_never_samples_ids_past_the_tokenizer(tiny):
     out = generate_ids(padded, tok, [prompt], num_samples=4, max_new_tokens=16, temperature=1.0, seed=0)
     ids = [i for c in out[0] for i in c.token_ids]
     assert ids and max(ids) < len(tok)
+
+
+def test_k_samples_share_one_prefill_and_draw_the_same_tokens(tiny):
+    """K samples per prompt compute each prompt's keys and values once (not K times), and give the tokens a plain
+    `generate` with `num_return_sequences` draws from the same seed: prompts of different lengths (left padding),
+    temperature and top-p as SPPO samples them."""
+    from selfplay.generation import generate_ids
+
+    model, tok = tiny
+    prompts = [chat_prompt(tok, p.text) for p in SortTask().prompts("train", 6, seed=3)]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) > 1  # left padding is exercised
+    k, width = 4, max(len(i) for i in ids)
+    prefill_rows = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+    try:
+        shared = generate_ids(model, tok, ids, num_samples=k, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=5)
+    finally:
+        hook.remove()
+    assert prefill_rows == [len(ids)]  # one prefill over the prompts; without sharing: [len(ids) * k]
+
+    input_ids = torch.full((len(ids), width), tok.pad_token_id)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, p in enumerate(ids):
+        input_ids[i, width - len(p):], attention[i, width - len(p):] = torch.tensor(p), 1
+    torch.manual_seed(5)
+    with torch.no_grad():
+        plain = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=10, num_return_sequences=k,
+                               do_sample=True, temperature=0.8, top_p=0.9, top_k=None,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:].tolist()
+    for i, completions in enumerate(shared):
+        for j, c in enumerate(completions):
+            want = plain[i * k + j]
+            assert list(c.token_ids) == want[: len(c.token_ids)]
+            assert c.finish_reason == "length" or want[len(c.token_ids) - 1] == tok.eos_token_id
