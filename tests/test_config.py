@@ -125,3 +125,18 @@ def test_bad_files(tmp_path):
         load_config(write(tmp_path, "train: 5\n"))
     with pytest.raises(ConfigError, match=r"train.deepspeed: expected a mapping, got 'zero3'"):
         load_config(None, ["train.deepspeed=zero3"])
+
+
+def test_demo_micro_batch_follows_the_users_batch():
+    """The demo trains in length-sorted micro-batches (a speed setting only): kept where it divides a learner's
+    share of the batch, left out where the user's batch size or learner count makes it not divide, and never over
+    the user's own value."""
+    from selfplay.demo import MICRO_BATCH, demo_config
+
+    for algorithm, micro in MICRO_BATCH.items():
+        assert demo_config(algorithm).train.micro_batch_size == micro
+        assert demo_config(algorithm, quick=True).train.micro_batch_size == micro
+    assert demo_config("sppo", extra=["train.batch_size=24"]).train.micro_batch_size is None
+    assert demo_config("sppo", extra=["resources.num_learners=2"]).train.micro_batch_size == 16  # share 16
+    assert demo_config("srpo", extra=["train.micro_batch_size=4"]).train.micro_batch_size == 4
+    assert demo_config("sppo", extra=["model.lora.rank=8"]).train.lr == pytest.approx(2e-3)  # LoRA's, still
