@@ -3,7 +3,8 @@
 For each algorithm and seed, the embedded demo runs twice on the same machine, task, prompts and warm-up: first in
 sync mode for its `train.steps`, then in async mode (the demo's async settings: `train.max_policy_lag` 1, SPPO and
 SRPO with a one-round buffer) for the same wall time — sync's loop seconds, as `train.max_seconds` — with the same
-step-based schedules (SPPO's iterations keep their length). During each run the driver keeps a copy of the policy
+step-based schedules (SPPO's iterations keep their length). The generator runs on one core and the learner on the
+other, in both modes (`--unpinned`: wherever the OS puts them), as in `benchmarks.pipeline`. During each run the driver keeps a copy of the policy
 every `--every` seconds of the training loop (`eval.every_seconds`) and evaluates the copies after the loop, so
 evaluation never runs inside the timed loop (docs/benchmarks.md, "Time to quality").
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import ray
 
 from actors.driver import Driver
+from benchmarks.pipeline import PinnedDriver
 from selfplay.demo import ALGORITHM, demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +51,11 @@ def cpu_model() -> str:
 
 
 def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, out: Path, extra: list[str],
-             budget: float | None = None) -> dict:
+             budget: float | None = None, pin: bool = True) -> dict:
     """One run. `budget` (async): train for that many loop seconds — sync's loop time for the same seed — instead
     of sync's step count, with the same step-based schedules (SPPO's 60-step iterations) and the policy also kept at
-    sync's last step (its win rate there is what `selfplay demo --mode async` ends at)."""
+    sync's last step (its win rate there is what `selfplay demo --mode async` ends at). `pin`: the generator on one
+    core and the learner on the other, in both modes (`benchmarks.pipeline.PinnedDriver`)."""
     sets = [f"seed={seed}", f"out_dir={out}", "eval.every=0", f"eval.every_seconds={every}", "logging.log_every=1000",
             *(QUICK if quick else []), *extra]
     cfg = demo_config(algorithm, mode, extra=sets)
@@ -60,7 +63,7 @@ def run_once(algorithm: str, mode: str, seed: int, every: float, quick: bool, ou
     if budget is not None:  # room for every step the budget allows (3× sync's: async runs ~1.5–2× as fast)
         cfg = demo_config(algorithm, mode, extra=[*sets, f"train.max_seconds={budget}", f"train.steps={3 * steps}",
                                                   f"sppo.iterations={3 * cfg.sppo.iterations}", f"eval.every={steps}"])
-    s = Driver(cfg, out, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True)
+    s = (PinnedDriver if pin else Driver)(cfg, out, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True)
                if m.startswith("[eval]") else None).run()
     busy_generator = s["loop_seconds"] * (1 - s["generator_idle_fraction"])
     busy_learner = s["loop_seconds"] * (1 - s["learner_idle_fraction"])
@@ -168,6 +171,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     parser.add_argument("--every", type=float, default=None, help="seconds between kept policies (default 30; quick 15)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, both modes")
+    parser.add_argument("--unpinned", action="store_true", help="let the OS place the generator and the learner "
+                        "(default: one core each, as in benchmarks.pipeline: the nearest thing to a device each)")
     parser.add_argument("--out", default=None, help="the JSON file to write (default docs/time_to_quality.json; "
                         "quick: docs/time_to_quality-quick.json); other algorithms' results in it are kept")
     parser.add_argument("--plot", default=None, help="the PNG (default docs/img/bench-time-to-quality[-quick].png)")
@@ -198,7 +203,7 @@ def main(argv=None) -> dict:
                     # async gets sync's wall time (equal-time comparison), not its step count
                     budget = runs[-1]["loop_seconds"] if mode == "async" else None
                     run = run_once(algorithm, mode, seed, every, args.quick, workdir / f"{algorithm}-{mode}-{seed}",
-                                   args.set, budget)
+                                   args.set, budget, pin=not args.unpinned)
                     runs.append(run)
                     print(f"[time_to_quality] {algorithm} seed {seed} {mode}: {run['winrate']:.3f} ± {run['stderr']:.3f}"
                           f" after {run['steps']} steps in {run['loop_seconds']:.0f}s (at step "
@@ -213,6 +218,7 @@ def main(argv=None) -> dict:
     command = " ".join(["python -m benchmarks.time_to_quality", *argv])
     for entry in results.values():
         entry["command"] = command
+        entry["placement"] = "OS" if args.unpinned else "generator on core 0, learner on core 1"
     previous = Path(args.out)
     if previous.exists():  # the algorithms this command did not run keep their last results (and their command)
         kept = json.loads(previous.read_text()).get("results", {})
@@ -220,6 +226,7 @@ def main(argv=None) -> dict:
     out = {"benchmark": "time_to_quality", "command": command,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
            "model": "tiny (0.44M params), warmed up", "task": "sort", "every_seconds": every,
+           "placement": "OS" if args.unpinned else "generator on core 0, learner on core 1",
            "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
