@@ -4,9 +4,9 @@ For each algorithm and seed, the embedded demo runs twice on the same machine, t
 sync mode for its `train.steps`, then in async mode (the demo's async settings: `train.max_policy_lag` 1, SPPO and
 SRPO with a one-round buffer) for the same wall time — sync's loop seconds, as `train.max_seconds` — with the same
 step-based schedules (SPPO's iterations keep their length). The generator runs on one core and the learner on the
-other, in both modes (`--unpinned`: wherever the OS puts them), as in `benchmarks.pipeline`. During each run the driver keeps a copy of the policy
-every `--every` seconds of the training loop (`eval.every_seconds`) and evaluates the copies after the loop, so
-evaluation never runs inside the timed loop (docs/benchmarks.md, "Time to quality").
+other, in both modes (`--unpinned`: wherever the OS puts them), as in `benchmarks.pipeline`. During each run the
+driver keeps a copy of the policy every `--every` seconds of the training loop (`eval.every_seconds`) and evaluates
+the copies after the loop, so evaluation never runs inside the timed loop (docs/benchmarks.md, "Time to quality").
 
 Reported per algorithm (mean ± s.e. over seeds): sync's final win rate vs the initial policy, async's at the same
 wall time and after sync's step count (what `selfplay demo --mode async` ends at), async's steps per second over

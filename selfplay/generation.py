@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ def shared_prefix(model, input_ids: torch.Tensor, attention: torch.Tensor, sampl
     tokens, from the same random draws, as without it. None (plain `generate`) for one sample, one-token prompts, or
     a model whose cache cannot be repeated by row.
     """
-    if samples == 1 or input_ids.shape[1] < 2:
+    if samples == 1 or input_ids.shape[1] < 2 or not _takes_positions(model):
         return None
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
     cache = model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
@@ -93,6 +94,12 @@ def shared_prefix(model, input_ids: torch.Tensor, attention: torch.Tensor, sampl
         return None
     cache.batch_repeat_interleave(samples)
     return cache
+
+
+def _takes_positions(model) -> bool:
+    """Whether the model's forward accepts position_ids (the transformers LMs do; remote code may not)."""
+    params = inspect.signature(model.forward).parameters
+    return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def completion(tokenizer, tokens: list[int], eos: int) -> Completion:

@@ -119,8 +119,8 @@ def test_a_submitted_job_killed_mid_run_resumes_to_the_same_weights_when_submitt
     from deploy import submit as jobs
 
     overrides = [*PINNED, "train.steps=4", "train.checkpoint_every=2", f"model.policy={warm_policy_dir}",
-                 "eval.prompts=10", "train.batch_size=16", "train.micro_batch_size=8", "generation.prompts_per_request=16",
-                 "sppo.k=4"]
+                 "eval.prompts=10", "train.batch_size=16", "train.micro_batch_size=8",
+                 "generation.prompts_per_request=16", "sppo.k=4"]
     straight = Driver(load_config(str(ROOT / "configs/demo.yaml"), overrides), tmp_path / "straight").run()
 
     monkeypatch.setenv("WANDB_API_KEY", "secret-not-in-any-file")
