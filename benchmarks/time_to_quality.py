@@ -216,9 +216,9 @@ def main(argv=None) -> dict:
     finally:
         ray.shutdown()
     command = " ".join(["python -m benchmarks.time_to_quality", *argv])
+    placement = "OS" if args.unpinned else "generator on core 0, learner on core 1"
     for entry in results.values():
-        entry["command"] = command
-        entry["placement"] = "OS" if args.unpinned else "generator on core 0, learner on core 1"
+        entry["command"], entry["placement"] = command, placement
     previous = Path(args.out)
     if previous.exists():  # the algorithms this command did not run keep their last results (and their command)
         kept = json.loads(previous.read_text()).get("results", {})
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     out = {"benchmark": "time_to_quality", "command": command,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
            "model": "tiny (0.44M params), warmed up", "task": "sort", "every_seconds": every,
-           "placement": "OS" if args.unpinned else "generator on core 0, learner on core 1",
+           "placement": placement,
            "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
