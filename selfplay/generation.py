@@ -40,12 +40,8 @@ def generate_ids(
     With a seed the result is reproducible: the RNG is forked, so the caller's random state is untouched.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    greedy = temperature <= 0
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
-    per_prompt = 1 if greedy else num_samples  # greedy gives one answer per prompt: decode once, repeat it
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows > len(tokenizer):  # a padded vocabulary (Qwen2: 151,936 rows, fewer tokens): never sample an id
-        sampling["suppress_tokens"] = list(range(len(tokenizer), rows))  # that decodes to nothing
+    per_prompt = 1 if temperature <= 0 else num_samples  # greedy gives one answer per prompt: decode once, repeat
+    by_row = _takes_positions(model)
     out: list[list[Completion]] = []
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -59,41 +55,74 @@ def generate_ids(
                 input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attention[i, width - len(p) :] = 1
             input_ids, attention = input_ids.to(model.device), attention.to(model.device)
-            ids = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                past_key_values=shared_prefix(model, input_ids, attention, per_prompt),
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=per_prompt,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                top_k=None,
-                **sampling,
-            )
-            new = ids[:, width:].tolist()
+            args = (model, input_ids, attention, per_prompt, max_new_tokens, temperature, top_p, len(tokenizer), eos)
+            new = decode(*args) if by_row else _generate(*args, pad)
             for i in range(len(chunk)):
                 out.append([completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
     return out
 
 
-def shared_prefix(model, input_ids: torch.Tensor, attention: torch.Tensor, samples: int):
-    """The KV cache of each prompt but its last token, computed once and repeated for its `samples` completions.
+def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, samples: int, max_new_tokens: int,
+           temperature: float, top_p: float, vocab: int, eos: int) -> list[list[int]]:
+    """`samples` continuations of each left-padded prompt, row i·samples + j for prompt i; each ends at EOS or
+    after `max_new_tokens`.
 
-    `generate` with `num_return_sequences` repeats the prompts before its prefill, so K samples compute every
-    prompt's keys and values K times: a third of an SPPO round (K = 8) on the demo's model. `generate` then runs the
-    last prompt token (whose logits give the first sampled token) on this cache, so the samples are the same
-    tokens, from the same random draws, as without it. None (plain `generate`) for one sample, one-token prompts, or
-    a model whose cache cannot be repeated by row.
+    Why not `model.generate`: it repeats each prompt K times before its prefill, and keeps a finished row in the
+    batch until the longest one ends. Here each prompt's keys and values are computed once and repeated for its K
+    rows, and a row leaves the batch (and its cache) at its EOS: SPPO's samples use about half of their token
+    budget, so half of `generate`'s decode work was on rows that had already stopped.
     """
-    if samples == 1 or input_ids.shape[1] < 2 or not _takes_positions(model):
-        return None
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-    cache = model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True).past_key_values
-    if not hasattr(cache, "batch_repeat_interleave"):
-        return None
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left-padded rows count from their first token
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    step = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last)
+    cache, logits = step.past_key_values, step.logits[:, -1].repeat_interleave(samples, 0)
     cache.batch_repeat_interleave(samples)
-    return cache
+    attention = attention.repeat_interleave(samples, 0)
+    rows = torch.arange(attention.shape[0], device=attention.device)  # each live row's index in the output
+    out: list[list[int]] = [[] for _ in range(attention.shape[0])]
+    for t in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, vocab)
+        for row, tok in zip(rows.tolist(), token.tolist()):
+            out[row].append(tok)
+        live = token != eos if eos is not None else torch.ones_like(token, dtype=torch.bool)
+        if t == max_new_tokens - 1 or not live.any():
+            break
+        if not live.all():  # finished rows leave the batch, their cache with them
+            keep = live.nonzero().squeeze(-1)
+            rows, token, attention = rows[keep], token[keep], attention[keep]
+            cache.batch_select_indices(keep)
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
+        step = model(input_ids=token[:, None], attention_mask=attention, position_ids=attention.sum(-1, keepdim=True) - 1,
+                     past_key_values=cache, use_cache=True)
+        cache, logits = step.past_key_values, step.logits[:, -1]
+    return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, vocab: int) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else from softmax(logits / T) within the top-p nucleus (the
+    smallest set of tokens whose probability reaches `top_p`). Ids ≥ `vocab` (a padded embedding matrix, e.g.
+    Qwen2's 151,936 rows) decode to nothing and are never drawn."""
+    logits = logits[:, :vocab].float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _generate(model, input_ids, attention, samples, max_new_tokens, temperature, top_p, vocab, eos, pad):
+    """`model.generate` for a model whose forward takes no position ids (remote code): the left-padded rows'
+    positions are then the model's own business, and each prompt is prefilled once per sample."""
+    sampling = dict(do_sample=False) if temperature <= 0 else dict(do_sample=True, temperature=temperature, top_p=top_p)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows > vocab:
+        sampling["suppress_tokens"] = list(range(vocab, rows))
+    ids = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                         num_return_sequences=samples, pad_token_id=pad, eos_token_id=eos, top_k=None, **sampling)
+    return ids[:, input_ids.shape[1]:].tolist()
 
 
 def _takes_positions(model) -> bool:

@@ -161,37 +161,75 @@ def test_generation_never_samples_ids_past_the_tokenizer(tiny):
     assert ids and max(ids) < len(tok)
 
 
-def test_k_samples_share_one_prefill_and_draw_the_same_tokens(tiny):
-    """K samples per prompt compute each prompt's keys and values once (not K times), and give the tokens a plain
-    `generate` with `num_return_sequences` draws from the same seed: prompts of different lengths (left padding),
-    temperature and top-p as SPPO samples them."""
-    from selfplay.generation import generate_ids
+def test_decode_prefills_each_prompt_once_and_drops_finished_rows(tiny):
+    """`decode` computes each prompt's keys and values once (not once per sample), a row leaves the batch at its
+    stop token, and the tokens are `model.generate`'s: greedily, token for token, over left-padded prompts of
+    different lengths whose rows stop at different steps."""
+    from transformers import AutoModelForCausalLM
 
-    model, tok = tiny
+    from selfplay.generation import decode
+
+    _, tok = tiny
+    config = build_tiny(seed=0)[0].config
+    config.initializer_range = 0.5  # large random weights: each prompt gets its own greedy tokens (the tiny
+    torch.manual_seed(0)  # model's usual 0.02 repeats one token for every prompt)
+    model = AutoModelForCausalLM.from_config(config).eval()
     prompts = [chat_prompt(tok, p.text) for p in SortTask().prompts("train", 6, seed=3)]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(i) for i in ids)
     assert len({len(i) for i in ids}) > 1  # left padding is exercised
-    k, width = 4, max(len(i) for i in ids)
-    prefill_rows = []
-    hook = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
-    try:
-        shared = generate_ids(model, tok, ids, num_samples=k, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=5)
-    finally:
-        hook.remove()
-    assert prefill_rows == [len(ids)]  # one prefill over the prompts; without sharing: [len(ids) * k]
-
     input_ids = torch.full((len(ids), width), tok.pad_token_id)
     attention = torch.zeros((len(ids), width), dtype=torch.long)
     for i, p in enumerate(ids):
         input_ids[i, width - len(p):], attention[i, width - len(p):] = torch.tensor(p), 1
-    torch.manual_seed(5)
-    with torch.no_grad():
-        plain = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=10, num_return_sequences=k,
-                               do_sample=True, temperature=0.8, top_p=0.9, top_k=None,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:].tolist()
-    for i, completions in enumerate(shared):
-        for j, c in enumerate(completions):
-            want = plain[i * k + j]
-            assert list(c.token_ids) == want[: len(c.token_ids)]
-            assert c.finish_reason == "length" or want[len(c.token_ids) - 1] == tok.eos_token_id
+
+    def reference(stop):
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=12, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=stop)[:, width:].tolist()
+
+    free = reference(None)  # an untrained model rarely says EOS: stop at the token most rows say, some early
+    stop = max(range(len(tok)), key=lambda t: sum(t in row for row in free))
+    want = [row[: row.index(stop) + 1] if stop in row else row for row in reference(stop)]
+    assert len({len(w) for w in want}) > 2  # rows end at different steps
+
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        greedy = decode(model, input_ids, attention, 1, 12, 0.0, 1.0, len(tok), stop)
+        greedy_shapes, shapes[:] = list(shapes), []
+        k = 4
+        sampled = decode(model, input_ids, attention, k, 12, 1.0, 1.0, len(tok), stop)
+    finally:
+        hook.remove()
+    assert greedy == want
+    # one prefill over the prompts, then one row per unfinished sequence per step
+    assert greedy_shapes == [(len(ids), width)] + [(sum(len(w) > t for w in want), 1) for t in range(1, 12)
+                                                    if any(len(w) > t for w in want)]
+    assert shapes[0] == (len(ids), width)  # K samples: still one prefill over the prompts (without sharing: 6 × 4)
+    live = [rows for rows, _ in shapes[1:]]
+    assert live == sorted(live, reverse=True) and live[-1] < len(ids) * k  # finished samples left the batch
+    assert len(sampled) == len(ids) * k
+    for row in sampled:
+        assert 1 <= len(row) <= 12 and (len(row) == 12 or row[-1] == stop) and stop not in row[:-1]
+
+
+def test_sample_next_draws_from_the_top_p_nucleus():
+    """Check values: probabilities 0.5, 0.3, 0.15, 0.05 and top-p 0.9 keep the first three tokens (0.5 + 0.3 < 0.9
+    ≤ 0.95), renormalized to 0.526, 0.316, 0.158; temperature 0 takes the argmax; ids past `vocab` are never
+    drawn. 20,000 draws from a fixed seed land within 4 standard errors of each."""
+    from selfplay.generation import sample_next
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-12).log().expand(20_000, -1).clone()
+    logits[:, 4] = 50.0  # a padded embedding row the model likes best
+    torch.manual_seed(0)
+    drawn = sample_next(logits, 1.0, 0.9, vocab=4)
+    freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    want = torch.tensor([0.5, 0.3, 0.15, 0.0, 0.0], dtype=torch.double) / 0.95
+    se = (want * (1 - want) / len(drawn)).sqrt()
+    assert (freq - want).abs().le(4 * se + 1e-12).all(), freq
+    assert sample_next(logits[:2], 0.0, 1.0, vocab=4).tolist() == [0, 0]
+    assert sample_next(logits[:2], 0.0, 1.0, vocab=5).tolist() == [4, 4]
+
+
