@@ -94,6 +94,15 @@ def tables(results: dict[str, dict]) -> str:
                 out.append(_table(["in flight", "seconds", "samples/s", "vs one at a time"],
                                   [[x["window"], x["seconds"], x["samples_per_s"], f"{x['speedup']:.2f}×"]
                                    for x in flight["rows"]]))
+            sppo = r.get("sppo_round")
+            if sppo:
+                out.append(f"\nhf, one SPPO round ({sppo['prompts']} prompts × {sppo['k']}, ≤ {sppo['max_new_tokens']} "
+                           f"tokens, the demo's warmed-up policy, one thread, median of {sppo['repeats']}):\n")
+                out.append(_table(["way", "seconds per round", "mean tokens per sample"],
+                                  [["`decode` (one prefill per prompt, finished rows leave)", sppo["decode_seconds"],
+                                    sppo["mean_tokens"]["decode"]],
+                                   ["`model.generate`", sppo["generate_seconds"], sppo["mean_tokens"]["generate"]],
+                                   ["speed-up", f"**{sppo['speedup']:.2f}×**", ""]]))
         elif name == "weight_sync":
             keys = [k for k in rows[0] if k.endswith("_s") and not k.startswith("floor")] if rows else []
             out.append(_table(["MB", "raw broadcast (floor) s", *[k.removesuffix("_s") + " s" for k in keys]],

@@ -4,9 +4,15 @@
    requests through the actor vs the backend called directly in-process (`results`);
 2. requests in flight (vLLM): requests of 8 prompts with mixed response lengths (8 … 256 new tokens) sent to one
    vLLM GeneratorActor one at a time (the driver waits for each) vs with 2, 4 or all of them in flight, where
-   each request's sequences join the running batch (`in_flight`: samples/s and the ratio to one at a time).
+   each request's sequences join the running batch (`in_flight`: samples/s and the ratio to one at a time);
+3. an SPPO round in the `hf` backend (`sppo_round`): 32 prompts × 8 samples of up to 24 tokens at temperature 1,
+   from the demo's warmed-up initial policy (which stops at EOS after varied lengths), by our decode loop
+   (`selfplay.generation.decode`: one prefill per prompt, finished samples leave the batch) vs `model.generate`
+   with `num_return_sequences` (K prefills per prompt, finished rows kept to the end): seconds per round, both
+   alternately on one thread, and the mean response length of each (the same distribution: equal within noise).
 
-The tiny model's untrained weights never emit EOS, so every request produces exactly as many tokens as it asks.
+Parts 1 and 2 use the tiny model's untrained weights, which never emit EOS: every request produces exactly as
+many tokens as it asks.
 
     python -m benchmarks.generation            # 64 new tokens per request; 24 requests in flight
     python -m benchmarks.generation --quick    # 32; 12 requests
@@ -87,11 +93,12 @@ def main(argv=None) -> dict:
             del backend
         in_flight = requests_in_flight(policy, prompts[:8], 12 if args.quick else 24) if "vllm" in backends else \
             {"skipped": "vLLM is not installed"}
+        round_ = sppo_round(workdir, 3 if args.quick else 10)
     finally:
         ray.shutdown()
     out = {"benchmark": "generation", "command": "python -m benchmarks.generation" + (" --quick" if args.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": "tiny (0.44M params)",
-           "new_tokens": new_tokens, "results": results, "in_flight": in_flight,
+           "new_tokens": new_tokens, "results": results, "in_flight": in_flight, "sppo_round": round_,
            "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out))
     return out
@@ -131,6 +138,44 @@ def requests_in_flight(policy: str, prompts: list, requests: int, repeats: int =
     ray.kill(actor)
     return {"requests": requests, "prompts_per_request": len(prompts), "lengths": list(LENGTHS),
             "most_requests_at_once": stats["most_requests_at_once"], "rows": rows}
+
+
+def sppo_round(workdir: str, repeats: int) -> dict:
+    """The demo's SPPO round (32 prompts × K = 8, ≤ 24 tokens, temperature 1) on its warmed-up initial policy, in
+    process on one thread: `decode` vs `model.generate`, alternating, `repeats` rounds each (median seconds)."""
+    from selfplay.demo import demo_config
+    from selfplay.generation import decode, left_pad, transformers_generate
+    from selfplay.models import load_policy_and_tokenizer
+    from selfplay.preflight import run_prompts
+    from selfplay.warmup import initial_policy
+
+    cfg = demo_config("sppo")
+    train = run_prompts(cfg)[0]
+    path = initial_policy(cfg, train, workdir, log=lambda m: None)
+    model, tok = load_policy_and_tokenizer(load_config(None, [f"model.policy={path}"]).model, 0)
+    model.eval()
+    ids = [tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in train[:cfg.generation.prompts_per_request]]
+    input_ids, attention = left_pad(ids, tok.pad_token_id)
+    k, limit, eos = cfg.sppo.k, cfg.generation.max_new_tokens, tok.eos_token_id
+    ways = {"decode": lambda: decode(model, input_ids, attention, k, limit, 1.0, 1.0, len(tok), eos),
+            "generate": lambda: transformers_generate(model, input_ids, attention, k, limit, 1.0, 1.0, len(tok), eos,
+                                          tok.pad_token_id)}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    lengths: dict[str, list[int]] = {name: [] for name in ways}
+    with torch.no_grad():
+        for r in range(repeats + 1):  # the first round of each warms up
+            for name, way in ways.items():
+                torch.manual_seed(r)
+                start = time.perf_counter()
+                rows = way()
+                if r:
+                    seconds[name].append(time.perf_counter() - start)
+                    lengths[name] += [row.index(eos) + 1 if eos in row else len(row) for row in rows]
+    median = {name: sorted(s)[len(s) // 2] for name, s in seconds.items()}
+    return {"prompts": len(ids), "k": k, "max_new_tokens": limit, "repeats": repeats,
+            "decode_seconds": round(median["decode"], 3), "generate_seconds": round(median["generate"], 3),
+            "speedup": round(median["generate"] / median["decode"], 2),
+            "mean_tokens": {name: round(sum(v) / len(v), 2) for name, v in lengths.items()}}
 
 
 if __name__ == "__main__":

@@ -48,18 +48,23 @@ def generate_ids(
             torch.manual_seed(seed)
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                attention[i, width - len(p) :] = 1
-            input_ids, attention = input_ids.to(model.device), attention.to(model.device)
+            input_ids, attention = (t.to(model.device) for t in left_pad(chunk, pad))
             args = (model, input_ids, attention, per_prompt, max_new_tokens, temperature, top_p, len(tokenizer), eos)
-            new = decode(*args) if by_row else _generate(*args, pad)
+            new = decode(*args) if by_row else transformers_generate(*args, pad)
             for i in range(len(chunk)):
                 out.append([completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
     return out
+
+
+def left_pad(prompt_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), padded on the left: every prompt ends where generation starts."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p) :] = 1
+    return input_ids, attention
 
 
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, samples: int, max_new_tokens: int,
@@ -113,9 +118,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, vocab: i
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _generate(model, input_ids, attention, samples, max_new_tokens, temperature, top_p, vocab, eos, pad):
-    """`model.generate` for a model whose forward takes no position ids (remote code): the left-padded rows'
-    positions are then the model's own business, and each prompt is prefilled once per sample."""
+def transformers_generate(model, input_ids, attention, samples, max_new_tokens, temperature, top_p, vocab, eos,
+                          pad) -> list[list[int]]:
+    """`decode` by `model.generate`, for a model whose forward takes no position ids (remote code: the left-padded
+    rows' positions are then the model's own business); each prompt is prefilled once per sample, and a finished
+    row stays in the batch (padded) until the last one ends. `benchmarks.generation` times `decode` against it."""
     sampling = dict(do_sample=False) if temperature <= 0 else dict(do_sample=True, temperature=temperature, top_p=top_p)
     rows = model.get_output_embeddings().weight.shape[0]
     if rows > vocab:

@@ -167,7 +167,7 @@ def test_decode_prefills_each_prompt_once_and_drops_finished_rows(tiny):
     different lengths whose rows stop at different steps."""
     from transformers import AutoModelForCausalLM
 
-    from selfplay.generation import decode
+    from selfplay.generation import decode, left_pad
 
     _, tok = tiny
     config = build_tiny(seed=0)[0].config
@@ -176,12 +176,9 @@ def test_decode_prefills_each_prompt_once_and_drops_finished_rows(tiny):
     model = AutoModelForCausalLM.from_config(config).eval()
     prompts = [chat_prompt(tok, p.text) for p in SortTask().prompts("train", 6, seed=3)]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(i) for i in ids)
     assert len({len(i) for i in ids}) > 1  # left padding is exercised
-    input_ids = torch.full((len(ids), width), tok.pad_token_id)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, p in enumerate(ids):
-        input_ids[i, width - len(p):], attention[i, width - len(p):] = torch.tensor(p), 1
+    input_ids, attention = left_pad(ids, tok.pad_token_id)
+    width = input_ids.shape[1]
 
     def reference(stop):
         with torch.no_grad():
