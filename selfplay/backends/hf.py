@@ -1,4 +1,5 @@
-"""The transformers backend: `model.generate` on CPU or GPU. With LoRA (`lora`: the run's `model.lora`) the
+"""The transformers backend: a transformers model on CPU or GPU, sampled by `selfplay.generation` (its own decode
+loop: one prefill per prompt, finished samples leave the batch). With LoRA (`lora`: the run's `model.lora`) the
 model carries the policy adapter (PEFT) over the initial weights, and a weight update is the adapter alone."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from selfplay.models import load_causal_lm
 class HFBackend:
     name = "hf"
     copies_on_load = True  # load_weights copies each tensor before it takes the next
-    concurrent = False  # one `generate` at a time
+    concurrent = False  # one request at a time
 
     def __init__(self, model_path: str, *, tokenizer, dtype: str = "float32", seed: int = 0,
                  trust_remote_code: bool = False, device: str | None = None, lora=None, **_ignored):
