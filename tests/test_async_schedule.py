@@ -36,19 +36,25 @@ def test_async_with_lag_0_trains_what_sync_trains(ray_cluster, tmp_path, warm_po
 
 def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_path, warm_policy_dir):
     """Lag 1, each row trained once, oldest first: step n trains rows generated with θ_{n-1} (the round θ_n
-    generates meanwhile is step n+1's), whatever ties leave short; no round is generated before the weights it
-    should use. The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated
+    generates meanwhile is step n+1's); no round is generated before the weights it should use. A round that ties
+    leave short is topped up by one more request, whose leftover rows would be trained a version later, behind the
+    next round: `replay.max_staleness: 1` drops them instead, so every step trains rows exactly one version old. The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated
     afterwards on the generator.
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
-                                "replay.max_reuse=1", "replay.sampling=fifo_oldest", "eval.every_seconds=0.5",
-                                "eval.every=4")
+                                "replay.max_reuse=1", "replay.sampling=fifo_oldest", "replay.max_staleness=1",
+                                "eval.every_seconds=0.5", "eval.every=4")
     steps = cfg.train.steps
     assert [r["trained_version_lag_max"] for r in records] == [0] + [1] * (steps - 1)
     assert all(r["trained_times_sampled"] == 1 for r in records)
     assert summary["samples_trained"] == steps * cfg.train.batch_size
     # one round per step and the round of the step after the last (as far as ties allow: rows <= prompts)
-    assert summary["rows_added"] <= (steps + 1) * cfg.generation.prompts_per_request
+    # one round per step and the round of the step after the last, plus one request each time ties or dropped
+    # rows left the buffer short of a batch; a round's rows <= its prompts
+    round_size = cfg.generation.prompts_per_request
+    rounds = summary["samples_generated"] // (round_size * cfg.sppo.k)
+    assert rounds <= steps + 1 + summary["skipped_ties"] + summary["samples_dropped_stale"]
+    assert summary["rows_added"] <= rounds * round_size
     timed = summary["timed_evals"]
     assert len(timed) >= 2 and [e["seconds"] for e in timed] == sorted(e["seconds"] for e in timed)
     assert timed[-1]["seconds"] == summary["loop_seconds"] and timed[-1]["step"] == steps
