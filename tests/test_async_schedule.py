@@ -38,8 +38,9 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     """Lag 1, each row trained once, oldest first: step n trains rows generated with θ_{n-1} (the round θ_n
     generates meanwhile is step n+1's); no round is generated before the weights it should use. A round that ties
     leave short is topped up by one more request, whose leftover rows would be trained a version later, behind the
-    next round: `replay.max_staleness: 1` drops them instead, so every step trains rows exactly one version old. The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated
-    afterwards on the generator.
+    next round: `replay.max_staleness: 1` drops them instead, so every step trains rows exactly one version old.
+    The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated afterwards on the
+    generator.
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
                                 "replay.max_reuse=1", "replay.sampling=fifo_oldest", "replay.max_staleness=1",
