@@ -177,11 +177,19 @@ def test_an_out_dir_that_one_node_does_not_see_is_refused_before_any_actor(ray_c
     ray_bin = Path(sys.executable).parent / "ray"
     start = (f"mount -t tmpfs none {private} && exec {ray_bin} start --block --address={ray_nodes.address} "
              f"--num-cpus=0 --resources='{{\"blind_node\": 1}}' --object-store-memory={300 << 20} " + " ".join(ports))
-    node = subprocess.Popen(["unshare", "-m", "sh", "-c", start], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = tmp_path / "node.log"  # what `ray start` said, for a node that never joins
+    with log.open("w") as out:
+        node = subprocess.Popen(["unshare", "-m", "sh", "-c", start], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def joined() -> bool:
+        if node.poll() is not None:
+            raise AssertionError(f"`ray start` in its own mount namespace exited with {node.returncode}: "
+                                 f"{log.read_text()[-2000:]}")
+        return any(n["Alive"] and "blind_node" in n["Resources"] for n in ray_cluster.nodes())
+
     try:
-        wait_for(lambda: any(n["Alive"] and "blind_node" in n["Resources"] for n in ray_cluster.nodes()), 120,
-                 "the node with its own mount namespace")
+        wait_for(joined, 120, f"the node with its own mount namespace (`ray start`'s output: {log})")
         before = actor_ids(ray_nodes.dashboard_url)
         cfg = demo_config("sppo", "sync", quick=True, extra=["resources.judge_cpus=0",
                                                              "resources.judge_resources.blind_node=1"])
