@@ -268,3 +268,27 @@ def test_a_full_fine_tuning_checkpoint_is_refused_by_a_lora_run_with_a_clear_err
     (tmp_path / "full" / "model").mkdir(parents=True)  # a full fine-tuning checkpoint: model/, no adapter/
     with pytest.raises(ModelLoadError, match="not a LoRA checkpoint"):
         check_adapter_checkpoint(tmp_path / "full", model, {"policy": adapter_specs(model)})
+
+
+def test_a_lora_policy_prefills_only_the_last_positions_logits(tiny):
+    """PEFT's forward names neither `logits_to_keep` nor `position_ids` (it passes them on): the decode loop looks
+    at the base model's, so a LoRA policy's prefill computes one position's logits per prompt, not one per prompt
+    token (at 7B: a [prompts, prompt tokens, vocabulary] tensor), and decodes as the merged model does."""
+    from selfplay.generation import decode, left_pad
+
+    model = with_adapters(copy.deepcopy(tiny[0]), lora_cfg())
+    randomize_policy_adapter(model)
+    tok = tiny[1]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    input_ids, attention = left_pad(ids, tok.pad_token_id)
+    positions = []
+    head = model.get_output_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = decode(model, input_ids, attention, 1, 6, 0.0, 1.0, len(tok), None)
+    finally:
+        head.remove()
+    assert input_ids.shape[1] > 1 and positions == [1] * 6  # the prefill too
+    merged = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        assert got == decode(merged, input_ids, attention, 1, 6, 0.0, 1.0, len(tok), None)
