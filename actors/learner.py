@@ -303,7 +303,8 @@ class LearnerActor:
         grad_norm = None
         for first in range(0, n, micro):
             part = {k: [v[i] for i in order[first:first + micro]] for k, v in data.items()}
-            batches = encode_rows(self.tokenizer, part, self.spec, train.max_prompt_tokens, train.max_response_tokens)
+            batches = encode_rows(self.tokenizer, part, self.spec, train.max_prompt_tokens, train.max_response_tokens,
+                                  share_prompts=train.share_prompts and not train.gradient_checkpointing)
             batches = {k: {name: t.to(self.engine.device) for name, t in b.items()} for k, b in batches.items()}
             p_w = torch.tensor(part["p_chosen"], dtype=torch.float32) if "p_chosen" in part else None
             p_l = torch.tensor(part["p_rejected"], dtype=torch.float32) if "p_rejected" in part else None

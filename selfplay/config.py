@@ -147,6 +147,9 @@ class TrainConfig:
     # memory: pairs per forward/backward on each learner (the rest accumulates); None: the learner's whole share
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # the responses of one prompt (a pair's two, SRPO's revisions) run it once, over its keys and values: fewer
+    # tokens through the model, the same loss. Off under gradient_checkpointing (it drops the KV cache)
+    share_prompts: bool = True
     max_prompt_tokens: int | None = None  # longer prompts lose their start (counted: prompts_truncated)
     max_response_tokens: int | None = None  # longer responses lose their end (counted: responses_truncated)
     # async: each step waits for its round of fresh rows (as a sync step: generation.prompts_per_request per

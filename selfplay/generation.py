@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from selfplay.models import forward_parameters
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, samples: int
     budget, so half of `generate`'s decode work was on rows that had already stopped.
     """
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left-padded rows count from their first token
-    last = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     step = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last)
     cache, logits = step.past_key_values, step.logits[:, -1].repeat_interleave(samples, 0)
     cache.batch_repeat_interleave(samples)
@@ -132,16 +133,9 @@ def transformers_generate(model, input_ids, attention, samples, max_new_tokens, 
     return ids[:, input_ids.shape[1]:].tolist()
 
 
-def _forward_parameters(model) -> dict:
-    """The parameters of the model's forward; a PEFT wrapper's are its base model's, to which it passes its
-    keyword arguments on (its own signature names neither `position_ids` nor `logits_to_keep`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(base.forward).parameters
-
-
 def _takes_positions(model) -> bool:
     """Whether the model's forward accepts position_ids (the transformers LMs do; remote code may not)."""
-    params = _forward_parameters(model)
+    params = forward_parameters(model)
     return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 

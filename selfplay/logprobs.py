@@ -3,6 +3,10 @@ check values".
 
 A batch is (prompt ⊕ response) token rows padded on either side; `response_mask` marks response tokens.
 Padding side does not change the result: positions are derived from the attention mask.
+
+A shared-prompt batch (`build_shared_batch`) holds each distinct prompt once: a preference pair's two responses
+(and SRPO's revisions of one answer) then run their prompt once, not once per response. Same log-probs and
+gradients, to float32 rounding; fewer tokens through the model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from selfplay.models import forward_parameters
 
 
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
@@ -92,8 +98,33 @@ def build_batch(
     }
 
 
+def build_shared_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                       pad_id: int) -> dict[str, Tensor]:
+    """`build_batch`'s rows with each distinct prompt once: `prompt_ids` [P, Tp] left-padded (every prompt ends
+    where its responses start), `prompt_of_row` [B] (row i's prompt), `response_ids` [B, Tr] right-padded, and
+    their attention masks."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    distinct: dict[tuple[int, ...], int] = {}
+    prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    prompts = list(distinct)
+    width, longest = max((len(p) for p in prompts), default=0), max((len(r) for r in response_ids), default=0)
+    ids, mask = torch.full((len(prompts), width), pad_id, dtype=torch.long), torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, dtype=torch.long), 1
+    r_ids = torch.full((len(response_ids), longest), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((len(response_ids), longest), dtype=torch.long)
+    for i, r in enumerate(response_ids):
+        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(list(r), dtype=torch.long), 1
+    return {"prompt_ids": ids, "prompt_mask": mask, "prompt_of_row": torch.tensor(prompt_of_row, dtype=torch.long),
+            "response_ids": r_ids, "response_attention": r_mask}
+
+
 def response_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Run a causal LM on a `build_batch` batch → (summed response log-probs [B], response token counts [B])."""
+    """Run a causal LM on a `build_batch` or `build_shared_batch` batch → (summed response log-probs [B], response
+    token counts [B])."""
+    if "prompt_of_row" in batch:
+        return _shared_prompt_logprobs(model, batch)
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -101,3 +132,26 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple
         use_cache=False,
     )
     return masked_sum_logprobs(out.logits, batch["input_ids"], batch["response_mask"])
+
+
+def _shared_prompt_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Two forwards: the distinct prompts, keeping their keys and values (the graph runs through them, so the
+    prompt tokens get the gradient of every response that attends to them), then every response over its prompt's
+    cache row. The prompt's last position predicts each response's first token."""
+    prompt_mask, rows = batch["prompt_mask"], batch["prompt_of_row"]
+    last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
+    out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask,
+                position_ids=position_ids_from_mask(prompt_mask), use_cache=True, **last)
+    cache = out.past_key_values
+    if cache is None:
+        raise ValueError("a shared-prompt batch needs the model's KV cache (off under gradient checkpointing)")
+    cache.batch_select_indices(rows)  # one cache row per response (a prompt's rows repeat)
+    response, attention = batch["response_ids"], batch["response_attention"]
+    start = prompt_mask.sum(dim=-1)[rows]  # each response's first position
+    positions = start[:, None] + torch.arange(response.shape[1], device=response.device)
+    tail = model(input_ids=response, attention_mask=torch.cat([prompt_mask[rows], attention], dim=-1),
+                 position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = torch.cat([out.logits[:, -1:][rows], tail.logits], dim=1)  # column t predicts response token t
+    first = response.new_zeros(len(rows), 1)  # stands for the prompt's last token: never a target
+    return masked_sum_logprobs(logits, torch.cat([first, response], dim=1), torch.cat([first, attention], dim=1))
+

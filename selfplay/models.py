@@ -398,3 +398,21 @@ def save_pretrained(model, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def forward_parameters(model) -> Mapping[str, Any]:
+    """The parameters of the forward that computes: through a DeepSpeed engine (`module`), a PEFT wrapper (which
+    passes keyword arguments on to its base model, naming neither `position_ids` nor `logits_to_keep`) and a LoRA
+    adapter view (`selfplay.lora.AdapterView`)."""
+    import inspect
+
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif not isinstance(model, torch.nn.Module) and hasattr(model, "model"):
+            model = model.model
+        else:
+            break
+    return inspect.signature(model.forward).parameters

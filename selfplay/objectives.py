@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from selfplay import losses
-from selfplay.logprobs import build_batch, response_logprobs
+from selfplay.logprobs import build_batch, build_shared_batch, response_logprobs
 from selfplay.recipes.base import LossSpec
 from selfplay.tasks.base import chat_prompt
 
@@ -31,26 +31,30 @@ def loss_spec(cfg) -> LossSpec:
 
 
 def _encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_prompt: int | None,
-            max_response: int | None) -> dict[str, Tensor]:
-    """A right-padded batch; prompts longer than `max_prompt` tokens keep their end (the question is usually
-    last), responses longer than `max_response` keep their start. `*_truncated` [B] flags the rows cut."""
+            max_response: int | None, share_prompts: bool) -> dict[str, Tensor]:
+    """A right-padded batch (`share_prompts`: each distinct prompt once, `build_shared_batch`); prompts longer
+    than `max_prompt` tokens keep their end (the question is usually last), responses longer than `max_response`
+    keep their start. `*_truncated` [B] flags the rows cut."""
     p_ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     r_ids = [tokenizer(r + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for r in responses]
     cut_p = [max_prompt is not None and len(ids) > max_prompt for ids in p_ids]
     cut_r = [max_response is not None and len(ids) > max_response for ids in r_ids]
     p_ids = [ids[-max_prompt:] if cut else ids for ids, cut in zip(p_ids, cut_p)]
     r_ids = [ids[:max_response] if cut else ids for ids, cut in zip(r_ids, cut_r)]
-    return {**build_batch(p_ids, r_ids, tokenizer.pad_token_id, padding_side="right"),
+    batch = (build_shared_batch(p_ids, r_ids, tokenizer.pad_token_id) if share_prompts
+             else build_batch(p_ids, r_ids, tokenizer.pad_token_id, padding_side="right"))
+    return {**batch,
             "prompt_truncated": torch.tensor(cut_p), "response_truncated": torch.tensor(cut_r)}
 
 
 def encode_rows(tokenizer, rows: dict[str, Sequence[Any]], spec: LossSpec, max_prompt_tokens: int | None = None,
-                max_response_tokens: int | None = None) -> dict[str, dict[str, Tensor]]:
-    """Token batches the loss needs: `pairs` = chosen rows then rejected rows (one forward pass); for SRPO also
+                max_response_tokens: int | None = None, share_prompts: bool = False) -> dict[str, dict[str, Tensor]]:
+    """Token batches the loss needs: `pairs` = chosen rows then rejected rows (one batch); for SRPO also
     `revisions` = w|l, l|l, w|w, l|w: each response as a revision of the rejected / the chosen one. Prompts and
-    responses beyond the `train.max_*_tokens` limits are cut (see `_encode`)."""
+    responses beyond the `train.max_*_tokens` limits are cut (see `_encode`). `share_prompts` (`train.share_prompts`):
+    the responses of one prompt run it once — a pair's two, the revisions' two per given answer."""
     prompts, chosen, rejected = list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"])
-    limits = (max_prompt_tokens, max_response_tokens)
+    limits = (max_prompt_tokens, max_response_tokens, share_prompts)
     out = {"pairs": _encode(tokenizer, prompts * 2, chosen + rejected, *limits)}
     if spec.name == "srpo":
         t = spec.revision_template
@@ -88,7 +92,7 @@ def preference_loss(
     """
     if spec.average not in AVERAGES:
         raise ValueError(f"unknown loss average {spec.average!r}; use one of {AVERAGES}")
-    device = batches["pairs"]["input_ids"].device
+    device = batches["pairs"]["prompt_truncated"].device
     pol = _averaged(_logps(policy, batches, device), spec)
     logp, ntok = pol["pairs"]
     n = logp.shape[0] // 2

@@ -66,14 +66,16 @@ def test_two_learners_match_one_with_double_batch(ray_cluster, zero):
         pair.shutdown()
 
 
-@pytest.mark.parametrize("learners, zero, checkpointing", [(1, 0, False), (2, 3, True)])
+@pytest.mark.parametrize("learners, zero, checkpointing", [(1, 0, False), (2, 3, False), (2, 3, True)])
 def test_micro_batches_accumulate_to_the_update_of_the_whole_batch(ray_cluster, learners, zero, checkpointing):
     """train.micro_batch_size=2 on a batch of 8: 4 (1 rank) or 2 (2 ranks) micro-batches whose gradients
-    DeepSpeed accumulates make the same loss, grad norm and SGD update as the whole batch in one pass; gradient
-    checkpointing (recomputed activations) changes nothing either."""
+    DeepSpeed accumulates make the same loss, grad norm and SGD update as the whole batch in one pass of plain
+    rows; so do shared prompts (`train.share_prompts`: each pair's prompt run once, its cache feeding both
+    responses — also under ZeRO-3, where that is two forwards per micro-batch), and gradient checkpointing
+    (recomputed activations, rows whole: it drops the cache)."""
     sgd = ["train.optimizer=sgd", "train.lr=0.1"]
     micro = [*sgd, "train.micro_batch_size=2", f"train.gradient_checkpointing={str(checkpointing).lower()}"]
-    whole, accumulating = group(1, 0, extra=sgd), group(learners, zero, extra=micro)
+    whole, accumulating = group(1, 0, extra=[*sgd, "train.share_prompts=false"]), group(learners, zero, extra=micro)
     try:
         base = whole.full_state()
         for step in range(2):

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 
-from selfplay.logprobs import build_batch, masked_sum_logprobs, response_logprobs, token_logprobs
+from selfplay.logprobs import (build_batch, build_shared_batch, masked_sum_logprobs, response_logprobs,
+                               token_logprobs)
 
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64]]
 RESPONSES = [[70, 71, 2], [72, 2], [73, 74, 75, 76, 2]]
@@ -80,3 +83,36 @@ def test_chunked_logprobs_in_bf16_are_computed_in_float32():
     total, _ = masked_sum_logprobs(logits, ids, mask, chunk_tokens=2)
     assert total.dtype == torch.float32
     torch.testing.assert_close(total, (token_logprobs(logits, ids) * mask[:, 1:]).sum(-1), rtol=1e-6, atol=1e-5)
+
+
+def test_shared_prompts_give_the_plain_rows_log_probs_and_gradients(tiny):
+    """`build_shared_batch`: rows with one prompt (a pair's two responses; SRPO's revisions, not next to each other)
+    run it once — one forward over the 3 distinct prompts, then the 7 responses over their prompts' keys and values —
+    and give the log-probs, token counts and gradients of the plain rows, to float32 rounding."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():  # weights far from the tiny model's near-uniform start: gradients that differ by row
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    order = [0, 1, 2, 0, 1, 2, 1]
+    prompts, responses = [PROMPTS[i] for i in order], [RESPONSES[i] for i in (0, 1, 2, 1, 2, 0, 0)]
+    weights = torch.linspace(-1.0, 1.0, len(order))
+
+    def run(batch):
+        model.zero_grad()
+        logp, ntok = response_logprobs(model, batch)
+        (weights * logp).sum().backward()
+        return logp.detach(), ntok, [p.grad.clone() for p in model.parameters()]
+
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        shared = run(build_shared_batch(prompts, responses, tok.pad_token_id))
+    finally:
+        hook.remove()
+    plain = run(build_batch(prompts, responses, tok.pad_token_id))
+    assert shapes == [(3, max(map(len, PROMPTS))), (7, max(map(len, RESPONSES)))]
+    assert torch.equal(shared[1], plain[1]) and shared[1].tolist() == [len(r) for r in responses]
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-4)
+    assert max(g.abs().max().item() for g in plain[2]) > 1e-3  # gradients to compare
+    for got, want in zip(shared[2], plain[2]):  # to float32 rounding of each tensor's scale (sums reordered)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7
