@@ -3,8 +3,13 @@ import copy
 import pytest
 import torch
 
-from selfplay.logprobs import (build_batch, build_shared_batch, masked_sum_logprobs, response_logprobs,
-                               token_logprobs)
+from selfplay.logprobs import (
+    build_batch,
+    build_shared_batch,
+    masked_sum_logprobs,
+    response_logprobs,
+    token_logprobs,
+)
 
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64]]
 RESPONSES = [[70, 71, 2], [72, 2], [73, 74, 75, 76, 2]]
