@@ -2,6 +2,7 @@
 of the docs page, and leaves the hand-written rest of the page alone."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,16 @@ def test_scale_lora_measures_full_fine_tuning_and_lora_side_by_side(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--lora", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--lora 0: the rank must be >= 1" in bad.stderr
+
+
+def test_learner_benchmark_times_shared_prompts_against_whole_rows():
+    """`python -m benchmarks.learner --quick` (its own process: it starts DeepSpeed in-process) times both ways for
+    every algorithm, and shared prompts put fewer padded tokens through the model (counted, not timed)."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.learner", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["case"] for r in out["results"]] == ["sppo", "sapo (orpo)", "sapo (dpo)", "srpo"]
+    for r in out["results"]:
+        assert r["shared_seconds"] > 0 and r["whole_seconds"] > 0
+        assert r["shared_tokens"] < 0.9 * r["whole_tokens"], r
