@@ -1,9 +1,9 @@
 """Time to quality: how soon sync and async self-play reach a given policy quality, side by side in one run.
 
 For each algorithm and seed, the embedded demo runs twice on the same machine, task, prompts and warm-up: first in
-sync mode for its `train.steps`, then in async mode (the demo's async settings: `train.max_policy_lag` 1, SPPO and
-SRPO with a one-round buffer) for the same wall time — sync's loop seconds, as `train.max_seconds` — with the same
-step-based schedules (SPPO's iterations keep their length). The generator runs on one core and the learner on the
+sync mode for its `train.steps`, then in async mode (the demo's async settings: `train.max_policy_lag` 1, a buffer
+of one round) for the same wall time — sync's loop seconds, as `train.max_seconds` — with the same step-based
+schedules (SPPO's iterations keep their length). The generator runs on one core and the learner on the
 other, in both modes (`--unpinned`: wherever the OS puts them), as in `benchmarks.pipeline`. During each run the
 driver keeps a copy of the policy every `--every` seconds of the training loop (`eval.every_seconds`) and evaluates
 the copies after the loop, so evaluation never runs inside the timed loop (docs/benchmarks.md, "Time to quality").

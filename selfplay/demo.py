@@ -30,12 +30,12 @@ ALGORITHM = {
              "replay.sampling=least_sampled"],
     "srpo": ["srpo.k=4", "srpo.beta=0.1", "srpo.alpha=0.5", "srpo.revisions=1"],
 }
-# async mode, on-policy recipes: a buffer of one round (32 prompts: ≤ 32 rows) — each step trains its own round's
-# rows, one version old (the bounded schedule makes step n's round with θ_{n-1}), topped up from the round before
-# when ties leave it short — instead of a 64-row window of rows one and two versions old. Measured ahead of the
-# window at equal wall time (docs/benchmarks.md, "Time to quality"). Not a queue (max_reuse 1): a round short by one
-# tie would then stall the learner until the next round is made. SAPO keeps its window: off-policy by design
-ASYNC = {"sppo": ["replay.capacity=32"], "srpo": ["replay.capacity=32"], "sapo": []}
+# async mode: a buffer of one round (32 prompts: ≤ 32 rows) — each step trains its own round's rows, one version
+# old (the bounded schedule makes step n's round with θ_{n-1}), topped up from the round before when ties leave it
+# short — instead of a 64-row window of rows one and two versions old. Measured ahead of the window (SPPO at equal
+# wall time; SAPO at step 300 in each of 3 seeds: docs/benchmarks.md, "Time to quality"). Not a queue (max_reuse 1):
+# a round short by one tie would then stall the learner until the next round is made
+ASYNC = {algorithm: ["replay.capacity=32"] for algorithm in ("sppo", "sapo", "srpo")}
 # pairs per forward pass, sorted by length (train.micro_batch_size: gradients accumulate to the same step): less
 # padding. Learner busy time over the sync demo, against the whole batch in one pass: SPPO −14 %, SAPO −18 % (16
 # pairs), SRPO −40 % (8 pairs: its revisions vary most in length). docs/benchmarks.md, "Time to quality"
