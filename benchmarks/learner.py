@@ -14,6 +14,7 @@ model's (the time of a step does not depend on them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -29,7 +30,7 @@ from selfplay.objectives import encode_rows
 from selfplay.tasks import SortTask
 
 CASES = {"sppo": [], "sapo (orpo)": [], "sapo (dpo)": ["sapo.loss=dpo"], "srpo": []}
-PORT = 29533
+PORTS = itertools.count(29534)  # a rendezvous port per learner (each its own one-rank group)
 
 
 def batches(n: int, pairs: int = 32) -> list[pa.Table]:
@@ -57,14 +58,12 @@ def padded_tokens(learner, table: pa.Table, share: bool) -> int:
 
 
 def measure(case: str, extra: list[str], steps: int) -> dict:
-    global PORT
     algorithm = case.split()[0]
     learners = {}
     for share in (True, False):
         cfg = demo_config(algorithm, "sync", extra=[*extra, f"train.share_prompts={str(share).lower()}"])
         learner = LearnerActor.__ray_actor_class__(cfg.to_dict(), 0, 1, "tiny")
-        PORT += 1
-        learner.setup("127.0.0.1", PORT)
+        learner.setup("127.0.0.1", next(PORTS))
         learners[share] = learner
     data = batches(steps + 2)
     seconds: dict[bool, list[float]] = {True: [], False: []}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfplay.logprobs import left_pad
 from selfplay.models import forward_parameters
 
 
@@ -55,17 +56,6 @@ def generate_ids(
             for i in range(len(chunk)):
                 out.append([completion(tokenizer, new[i * per_prompt + j % per_prompt], eos) for j in range(num_samples)])
     return out
-
-
-def left_pad(prompt_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask), padded on the left: every prompt ends where generation starts."""
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attention[i, width - len(p) :] = 1
-    return input_ids, attention
 
 
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, samples: int, max_new_tokens: int,

@@ -98,6 +98,18 @@ def build_batch(
     }
 
 
+def left_pad(prompt_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), padded on the left: every prompt ends where its continuation starts (generation,
+    `build_shared_batch`'s responses)."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p) :] = 1
+    return input_ids, attention
+
+
 def build_shared_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                        pad_id: int) -> dict[str, Tensor]:
     """`build_batch`'s rows with each distinct prompt once: `prompt_ids` [P, Tp] left-padded (every prompt ends
@@ -107,11 +119,8 @@ def build_shared_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequen
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     distinct: dict[tuple[int, ...], int] = {}
     prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
-    prompts = list(distinct)
-    width, longest = max((len(p) for p in prompts), default=0), max((len(r) for r in response_ids), default=0)
-    ids, mask = torch.full((len(prompts), width), pad_id, dtype=torch.long), torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, dtype=torch.long), 1
+    ids, mask = left_pad(list(distinct), pad_id)
+    longest = max((len(r) for r in response_ids), default=0)
     r_ids = torch.full((len(response_ids), longest), pad_id, dtype=torch.long)
     r_mask = torch.zeros((len(response_ids), longest), dtype=torch.long)
     for i, r in enumerate(response_ids):
