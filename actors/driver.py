@@ -254,25 +254,29 @@ class Driver:
 
     def _run_async(self) -> None:
         cfg, lag = self.cfg, self.cfg.train.max_policy_lag
-        # bounded (max_policy_lag = N): one step queued, so the publish after step n runs before step n+1 and
-        # version n is exactly θ_n. Unbounded: up to two, the next one starting the moment the last ends (a publish
-        # asked for meanwhile runs between them). Never past a checkpoint or an evaluation (`eval.every`): the
-        # learners must be at exactly that step when its policy is saved.
-        depth = 2 if lag is None else 1
-        training: collections.deque = collections.deque()  # (refs, started, rows) per queued step
+        # Up to two steps queued on the learners, so they never wait for the driver's round trips between steps:
+        # the next one starts the moment the last ends. Bounded (max_policy_lag = N), the second is queued only
+        # once its own round is stored, behind the publish of the first one's weights (pushed early), so version n
+        # is exactly θ_n. Unbounded, a publish asked for meanwhile runs between them. Never past a checkpoint or an
+        # evaluation (`eval.every`): the learners must be at exactly that step when its policy is saved.
+        training: collections.deque = collections.deque()  # [refs, started, rows, pushed] per queued step
         submitted = self.counters.learner_steps
         while self.counters.learner_steps < cfg.train.steps and not (self._out_of_time() and not training):
             for i in self.inflight.idle():
                 if self._may_generate():
                     self.inflight.send(i)
-            while (len(training) < depth and submitted < cfg.train.steps and not self._out_of_time()
+            while (len(training) < 2 and submitted < cfg.train.steps and not self._out_of_time(submitted)
                    and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
+                if training and lag is not None and submitted % cfg.train.sync_every == 0:
+                    self.sync.push()  # θ after the queued step: published before the next one starts
+                    self.counters.weight_syncs += 1
+                    training[-1][3] = True
                 self._refresh_reference(submitted)
                 rows = self._sample_batch(required=False)
                 if rows is None:  # stale rows were dropped: wait for fresh ones
                     break
-                training.append((self.learners.train_step_async(rows), time.perf_counter(), rows))
+                training.append([self.learners.train_step_async(rows), time.perf_counter(), rows, False])
                 submitted += 1
             waiting = [*self.inflight.refs(), *(training[0][0] if training else []), *self.sync.waitables()]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=600)
@@ -282,10 +286,11 @@ class Driver:
             if ref in self.inflight:
                 self.inflight.advance(ref)
             elif training and ref in training[0][0]:
-                refs, t, rows = training.popleft()
+                refs, t, rows, pushed = training.popleft()
                 metrics = self.learners.finish_step(refs)
-                self.trained.append((t, time.perf_counter()))
-                self._after_step(metrics, rows)
+                started = max(t, self.trained[-1][1]) if self.trained else t  # a queued step starts after the last
+                self.trained.append((started, time.perf_counter()))
+                self._after_step(metrics, rows, pushed)
             else:  # a weight publish returned: send the generators their loads
                 self.sync.poll()
         self.inflight.drain(generating=False)  # rows already generated are stored, not dropped
@@ -327,11 +332,12 @@ class Driver:
         prompts_per_request each) per step, plus the extra requests sent while ties left the buffer short."""
         return (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request + self.extra_prompts
 
-    def _out_of_time(self) -> bool:
-        """`train.max_seconds` of this attempt's training loop are up (and a step was trained): no new step starts;
-        the queued ones finish."""
+    def _out_of_time(self, started: int | None = None) -> bool:
+        """`train.max_seconds` of this attempt's training loop are up (and a step was trained, or with `started`:
+        that many were started or queued): no new step starts; the queued ones finish."""
         limit = self.cfg.train.max_seconds
-        return limit is not None and self.counters.learner_steps > 0 and time.perf_counter() - self.t0 >= limit
+        steps = self.counters.learner_steps if started is None else started
+        return limit is not None and steps > 0 and time.perf_counter() - self.t0 >= limit
 
     def _sample_batch(self, required: bool):
         rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync.latest_version)
@@ -353,12 +359,14 @@ class Driver:
             self.learners.refresh_reference(source)
             self.log(f"[selfplay] step {step}: reference ← {source} ({self.recipe.name})")
 
-    def _after_step(self, metrics: dict[str, Any], rows) -> None:
+    def _after_step(self, metrics: dict[str, Any], rows, pushed: bool = False) -> None:
+        """`pushed`: this step's weights were pushed already, when the next step was queued (bounded async)."""
         cfg, c = self.cfg, self.counters
         c.learner_steps += 1
         c.samples_trained += rows.num_rows
-        trained_from = self.sync.latest_version  # the newest version before this step's: what it started from
-        if c.learner_steps % cfg.train.sync_every == 0:
+        # the newest version before this step's: what it started from
+        trained_from = self.sync.latest_version - int(pushed)
+        if c.learner_steps % cfg.train.sync_every == 0 and not pushed:
             self.sync.push()
             c.weight_syncs += 1
         self.sync.poll()  # loads acknowledged meanwhile: the generators' versions below are current
@@ -383,7 +391,7 @@ class Driver:
         self.logged_samples = c.samples_generated
         timed = sum(due["seconds"] is not None for due in self.evals_due)
         if cfg.eval.every_seconds and elapsed >= (timed + 1) * cfg.eval.every_seconds:
-            self._save_for_evaluation(seconds=round(elapsed, 3))
+            self._save_for_evaluation(timed=True)
         if cfg.eval.every and c.learner_steps % cfg.eval.every == 0 and c.learner_steps < cfg.train.steps:
             self._save_for_evaluation()
         if cfg.train.checkpoint_every and c.learner_steps % cfg.train.checkpoint_every == 0 \
@@ -412,10 +420,13 @@ class Driver:
         now = {**self.restarts, "replay_shard": self.restarts["replay_shard"] + self.replay.restarts}
         return {k: v + self.restarts_before.get(k, 0) for k, v in now.items()}
 
-    def _save_for_evaluation(self, seconds: float | None = None) -> None:
-        """Learner rank 0 writes the policy to out_dir/evals/ now; it is evaluated after the loop (`_evaluate_all`)."""
+    def _save_for_evaluation(self, timed: bool = False) -> None:
+        """Learner rank 0 writes the policy to out_dir/evals/ now; it is evaluated after the loop (`_evaluate_all`).
+        `timed` (eval.every_seconds): it is marked with the loop's seconds when written — in async mode the step
+        queued behind the one just finished may run first, and the file then holds that step's weights."""
         path = self.out / "evals" / f"step_{self.counters.learner_steps}.safetensors"
         step = self.learners.save_policy(path)
+        seconds = round(time.perf_counter() - self.t0, 3) if timed else None
         self.evals_due.append({"step": step, "seconds": seconds, "path": str(path)})
 
     def _evaluate_all(self, final_policy: Path, loop_seconds: float) -> dict[str, Any]:
