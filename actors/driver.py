@@ -364,8 +364,8 @@ class Driver:
         cfg, c = self.cfg, self.counters
         c.learner_steps += 1
         c.samples_trained += rows.num_rows
-        # the newest version before this step's: what it started from
-        trained_from = self.sync.latest_version - int(pushed)
+        # the newest version published before this step ran (the learner's own count: what it started from)
+        trained_from = metrics["version_at_start"]
         if c.learner_steps % cfg.train.sync_every == 0 and not pushed:
             self.sync.push()
             c.weight_syncs += 1

@@ -289,7 +289,7 @@ class LearnerActor:
         """One optimizer step on this rank's share of the batch, in micro-batches of `train.micro_batch_size`
         pairs of similar length (less padding) whose gradients accumulate; metrics are averaged over all ranks."""
         self.holds.enter(f"train_step {self.step + 1}")
-        start = time.perf_counter()
+        start, version_at_start = time.perf_counter(), self.version
         data = rows.to_pydict()
         n, train = rows.num_rows, self.cfg.train
         micro = train.micro_batch_size or n
@@ -333,6 +333,7 @@ class LearnerActor:
             "responses_truncated": int(totals[5].item()),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step": self.step,
+            "version_at_start": version_at_start,  # rank 0's: the newest version published before this step ran
             "step_seconds": self._busy_since(start),
         }
 
