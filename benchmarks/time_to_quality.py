@@ -11,7 +11,8 @@ the copies after the loop, so evaluation never runs inside the timed loop (docs/
 Reported per algorithm (mean ± s.e. over seeds): sync's final win rate vs the initial policy, async's at the same
 wall time and after sync's step count (what `selfplay demo --mode async` ends at), async's steps per second over
 sync's, the wall time async needs to reach sync's final win rate — per seed (that seed's sync final) and over seeds
-(the mean async curve against the mean sync final: `async_time_ratio`, its ratio to sync's loop time) — and the
+(the mean async curve against the mean sync final: `async_time_ratio`, its ratio to sync's loop time, at the first
+kept policy that reaches it; `async_time_ratio_interpolated`, between the kept policies on either side) — and the
 ideal overlap bound measured in the sync run: max(generator busy, learner busy) / sync loop, the ratio of a
 pipeline that only ever waits on its busiest stage. A plot of win rate vs wall time (one line per mode, shaded
 ± s.e. over seeds).
@@ -101,6 +102,32 @@ def first_reach(curve: list[list[float]], target: float) -> float | None:
     return next((seconds for seconds, winrate in curve if winrate >= target), None)
 
 
+def line_at(curve: list[list[float]], t: float) -> float:
+    """The curve joined by straight lines from (0 s, 0.5: the initial policy) through its kept policies, at loop time
+    t (its last value after the last)."""
+    before_t, before_w = 0.0, 0.5
+    for seconds, winrate in curve:
+        if t <= seconds:
+            if seconds == before_t:
+                return winrate
+            return before_w + (winrate - before_w) * (t - before_t) / (seconds - before_t)
+        before_t, before_w = seconds, winrate
+    return before_w
+
+
+def interpolated_reach(line: list[list[float]], target: float) -> float | None:
+    """When a curve joined by straight lines from (0 s, 0.5) through `line`'s points first reaches `target`: an
+    estimate between two kept policies, where `first_reach` gives the later one (an upper bound)."""
+    if target <= 0.5:
+        return 0.0
+    before_t, before_w = 0.0, 0.5
+    for seconds, winrate in line:
+        if winrate >= target:
+            return before_t + (target - before_w) / (winrate - before_w) * (seconds - before_t)
+        before_t, before_w = seconds, winrate
+    return None
+
+
 def summarize(runs: list[dict]) -> dict:
     by_mode = {m: [r for r in runs if r["mode"] == m] for m in ("sync", "async")}
     sync_seconds = sum(r["loop_seconds"] for r in by_mode["sync"]) / len(by_mode["sync"])
@@ -120,6 +147,10 @@ def summarize(runs: list[dict]) -> dict:
     t_mean = first_reach([[t, w] for t, w in mean_async], out["sync_final"])
     out["async_seconds_to_mean_sync_final"] = t_mean
     out["async_time_ratio"] = None if t_mean is None else round(t_mean / sync_seconds, 3)
+    # the same with each seed's curve joined by lines (their mean is a line between any two kept times)
+    mean_line = [[t, sum(line_at(r["curve"], t) for r in by_mode["async"]) / len(by_mode["async"])] for t in times]
+    t_line = interpolated_reach(mean_line, out["sync_final"])
+    out["async_time_ratio_interpolated"] = None if t_line is None else round(t_line / sync_seconds, 3)
     at_steps = [r["winrate_at_sync_steps"] for r in by_mode["async"] if r["winrate_at_sync_steps"] is not None]
     if at_steps:  # async after sync's step count: where `selfplay demo --mode async` ends
         m, se = mean_se(at_steps)
