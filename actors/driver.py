@@ -268,7 +268,7 @@ class Driver:
             while (len(training) < 2 and submitted < cfg.train.steps and not self._out_of_time(submitted)
                    and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
-                if training and lag is not None and submitted % cfg.train.sync_every == 0:
+                if training and lag is not None and submitted % cfg.train.sync_every == 0 and not training[-1][3]:
                     self.sync.push()  # θ after the queued step: published before the next one starts
                     self.counters.weight_syncs += 1
                     training[-1][3] = True
