@@ -268,14 +268,16 @@ class Driver:
             while (len(training) < 2 and submitted < cfg.train.steps and not self._out_of_time(submitted)
                    and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
-                if training and lag is not None and submitted % cfg.train.sync_every == 0 and not training[-1][3]:
-                    self.sync.push()  # θ after the queued step: published before the next one starts
+                push = bool(training) and lag is not None and submitted % cfg.train.sync_every == 0
+                # sampled for the version this step will start from, so stale rows are dropped as they would be then
+                rows = self._sample_batch(required=False, version=self.sync.latest_version + push)
+                if rows is None:  # stale rows were dropped: wait for fresh ones (a top-up request, made without
+                    break  # the push that would make it one version newer than the others)
+                if push:
+                    self.sync.push()  # θ after the queued step: published before this one starts
                     self.counters.weight_syncs += 1
                     training[-1][3] = True
                 self._refresh_reference(submitted)
-                rows = self._sample_batch(required=False)
-                if rows is None:  # stale rows were dropped: wait for fresh ones
-                    break
                 training.append([self.learners.train_step_async(rows), time.perf_counter(), rows, False])
                 submitted += 1
             waiting = [*self.inflight.refs(), *(training[0][0] if training else []), *self.sync.waitables()]
@@ -339,8 +341,11 @@ class Driver:
         steps = self.counters.learner_steps if started is None else started
         return limit is not None and steps > 0 and time.perf_counter() - self.t0 >= limit
 
-    def _sample_batch(self, required: bool):
-        rows = self.replay.sample(self.cfg.train.batch_size, current_version=self.sync.latest_version)
+    def _sample_batch(self, required: bool, version: int | None = None):
+        """A batch for the step that starts from weight `version` (default: the newest pushed); rows more than
+        `replay.max_staleness` versions older are dropped. None if short and not `required`."""
+        version = self.sync.latest_version if version is None else version
+        rows = self.replay.sample(self.cfg.train.batch_size, current_version=version)
         if rows.num_rows == self.cfg.train.batch_size:
             return rows
         if not required:
