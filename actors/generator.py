@@ -390,7 +390,8 @@ class GeneratorActor:
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "backend": self.backend.name, "policy_version": self.policy_version,
                 "awaiting_restore": self.awaiting_restore,  # restarted, not yet given the current weights
-                "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(), **self.counters}  # a new pid: Ray restarted it
+                "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(),  # a new pid: Ray restarted it
+                "engine_steps": getattr(self.backend, "engine_steps", None), **self.counters}  # vLLM's, so far
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights being served (hf backend), for verification in tests and tools."""

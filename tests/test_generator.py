@@ -115,7 +115,8 @@ def test_vllm_requests_in_flight_run_together_and_a_load_between_them_splits_the
 def test_with_mid_request_a_load_lands_inside_a_running_request_and_it_goes_on_with_the_new_weights(
         ray_cluster, tiny_dir):
     """weight_sync.mid_request: the load does not wait. The untrained tiny model never emits EOS, so a request of
-    400 new tokens runs hundreds of engine steps; the load is sent right after it. The new version (a zero final
+    400 new tokens runs hundreds of engine steps; the load is sent once it has run 8 of them (the generator's
+    `engine_steps`), so it lands at a known point, not before the first token. The new version (a zero final
     norm: every logit 0, greedy emits token 0) takes over mid-sequence: each response is the old version's
     tokens up to the load, then token 0 to the end. The results record the version the request started with."""
     import ray
@@ -133,7 +134,12 @@ def test_with_mid_request_a_load_lands_inside_a_running_request_and_it_goes_on_w
     alone = [r["samples"][0]["token_ids"] for r in ray.get(request(), timeout=300)]
     assert all(len(t) == 400 and 0 not in t for t in alone)
     update = pack_buckets({**state, "model.norm.weight": torch.zeros_like(state["model.norm.weight"])})
+    steps = ray.get(gen.stats.remote())["engine_steps"]
     running = request()
+    deadline = time.monotonic() + 60
+    while ray.get(gen.stats.remote())["engine_steps"] < steps + 8:  # served between engine steps
+        assert time.monotonic() < deadline, "the running request made no engine steps within 60 s"
+        time.sleep(0.002)
     load = gen.load_weights.remote(1, update.buckets, update.manifest, update.checksums)
     after = request(min_version=1)
     running, after = ray.get(running, timeout=300), ray.get(after, timeout=300)

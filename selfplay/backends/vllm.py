@@ -76,6 +76,7 @@ class VLLMBackend:
         self._waiting: dict[str, asyncio.Future] = {}  # generate_async: request id → its caller's future
         self._stepper: asyncio.Task | None = None
         self._request_ids = itertools.count()
+        self.engine_steps = 0  # generate_async: engine steps run so far (one token per running request each)
         # one seeded sampler per engine: unseeded requests are reproducible for a given order of calls without
         # per-request seeds (which move vLLM to its slower per-row sampling path)
         self.llm = LLM(
@@ -164,7 +165,9 @@ class VLLMBackend:
         engine = self.llm.llm_engine
         try:
             while self._waiting:
-                for out in engine.step():
+                outputs = engine.step()
+                self.engine_steps += 1
+                for out in outputs:
                     if out.finished:
                         self._waiting.pop(out.request_id).set_result(self._completions(out))
                 await asyncio.sleep(0)
