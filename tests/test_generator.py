@@ -138,7 +138,7 @@ def test_with_mid_request_a_load_lands_inside_a_running_request_and_it_goes_on_w
     running = request()
     deadline = time.monotonic() + 60
     while ray.get(gen.stats.remote())["engine_steps"] < steps + 8:  # served between engine steps
-        assert time.monotonic() < deadline, "the running request made no engine steps within 60 s"
+        assert time.monotonic() < deadline, "the running request did not run 8 engine steps within 60 s"
         time.sleep(0.002)
     load = gen.load_weights.remote(1, update.buckets, update.manifest, update.checksums)
     after = request(min_version=1)
