@@ -85,6 +85,8 @@ class Driver:
         self.metrics: RunMetrics | None = None
         self.logged_samples = 0  # samples_generated already counted in the Ray counter
         self.extra_prompts = 0  # async, bounded: prompts sent beyond one round per step (`_may_generate`)
+        self.pushed_steps = 0  # async: the learner steps behind the newest weights asked to be pushed
+        self.push_steps: dict[int, int] = {}  # async: weight version → the learner steps behind it
         self.t0 = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -260,11 +262,10 @@ class Driver:
         # is exactly θ_n. Unbounded, a publish asked for meanwhile runs between them. Never past a checkpoint or an
         # evaluation (`eval.every`): the learners must be at exactly that step when its policy is saved.
         training: collections.deque = collections.deque()  # [refs, started, rows, pushed] per queued step
-        submitted = self.counters.learner_steps
+        submitted = self.pushed_steps = self.counters.learner_steps  # what the generators serve now
+        self.push_steps = {}
         while self.counters.learner_steps < cfg.train.steps and not (self._out_of_time() and not training):
-            for i in self.inflight.idle():
-                if self._may_generate():
-                    self.inflight.send(i)
+            self._send_requests()
             while (len(training) < 2 and submitted < cfg.train.steps and not self._out_of_time(submitted)
                    and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
                    and self._fresh_rows_for(submitted)):
@@ -274,8 +275,7 @@ class Driver:
                 if rows is None:  # stale rows were dropped: wait for fresh ones (a top-up request, made without
                     break  # the push that would make it one version newer than the others)
                 if push:
-                    self.sync.push()  # θ after the queued step: published before this one starts
-                    self.counters.weight_syncs += 1
+                    self._push(submitted)  # θ after the queued step: published before this one starts
                     training[-1][3] = True
                 self._refresh_reference(submitted)
                 training.append([self.learners.train_step_async(rows), time.perf_counter(), rows, False])
@@ -297,30 +297,57 @@ class Driver:
                 self.sync.poll()
         self.inflight.drain(generating=False)  # rows already generated are stored, not dropped
 
+    def _push(self, steps: int) -> None:
+        """Push the weights after `steps` learner steps to the generators (async: without waiting). Bounded async:
+        the requests the weights already sent may serve go out first, so that they are not served with these."""
+        if self.cfg.mode == "async" and self.cfg.train.max_policy_lag is not None:
+            self._send_requests()
+        self.sync.push()
+        self.push_steps[self.sync.latest_version] = self.pushed_steps = steps
+        self.counters.weight_syncs += 1
+
     def _saves_at(self, step: int) -> bool:
         """Is the policy after learner step `step` saved (a checkpoint, or an evaluation's policy file)?"""
         return any(every and step % every == 0 for every in (self.cfg.train.checkpoint_every, self.cfg.eval.every))
 
+    def _send_requests(self) -> None:
+        """Async: give every idle generator the requests it may start now."""
+        for i in self.inflight.idle():
+            if self._may_generate():
+                self.inflight.send(i)
+
     def _may_generate(self) -> bool:
         """Async: may an idle generator start a request now? Never once `train.max_seconds` is up (no step would
-        train its rows). Unbounded: always. Bounded by max_policy_lag = N: the prompts of the learner steps up to N
-        ahead of the next one, and only once the newest weights are on their way (their load is queued before the
-        request): the sync loop's rounds, run ahead by N."""
+        train its rows). Unbounded: always. Bounded by max_policy_lag = N: the sync loop's rounds, run ahead by N —
+        the round of learner step s (0-based) once step s-N has been trained and θ_{s-N} is on its way (its loads
+        are sent before the request, and θ_{s-N+1}'s after it: `_push`). With N ≤ 1 it is so generated with exactly
+        θ_{s-N} however fast the generators and learners are (with N ≥ 2, θ_{s-N+1} may be published by then)."""
         lag = self.cfg.train.max_policy_lag
         if self._out_of_time():
             return False
         if lag is None:
             return True
-        if any(push.publishing for push in self.sync.pending):
-            return False
         flying = self.inflight.prompts()
-        if self.counters.groups_judged + flying < self._prompts_for(self.counters.learner_steps + lag):
-            return True
-        if not flying and self.replay.stats()["size"] < self.cfg.train.batch_size:
-            # ties (or retired rows) left the buffer short of a batch: one more request, as the sync loop's extra round
+        # the step whose round these prompts are (the extra requests below belong to no round)
+        step = (self.counters.groups_judged + flying - self.extra_prompts) // self._prompts_for(0, extra=False)
+        if step <= self.counters.learner_steps + lag:
+            return self._weights_sent_for(step - lag)
+        if not flying and self.replay.stats()["size"] < self.cfg.train.batch_size \
+                and self._weights_sent_for(self.counters.learner_steps):
+            # ties (or retired rows) left the buffer short of a batch: one more request, as the sync loop's extra
+            # round, with the weights the waiting step starts from
             self.extra_prompts += self.cfg.generation.prompts_per_request
             return True
         return False
+
+    def _weights_sent_for(self, steps: int) -> bool:
+        """Async: are the weights after `steps` learner steps (the newest push at or before them) on their way to
+        the generators — asked of the learners, published, and their loads sent?"""
+        steps = max(steps, 0)
+        if steps - steps % self.cfg.train.sync_every > self.pushed_steps:
+            return False
+        return not any(push.publishing and self.push_steps.get(push.version, steps) <= steps
+                       for push in self.sync.pending)
 
     def _fresh_rows_for(self, step: int) -> bool:
         """Async: may learner step `step` (0-based) start? Once the buffer holds a batch; bounded, also once the
@@ -329,10 +356,11 @@ class Driver:
             return False  # decided without asking the replay shards (a round trip to each)
         return self.replay.stats()["size"] >= self.cfg.train.batch_size
 
-    def _prompts_for(self, step: int) -> int:
+    def _prompts_for(self, step: int, extra: bool = True) -> int:
         """Prompts judged before step `step` (0-based) trains, as in the sync loop: one round (every generator,
         prompts_per_request each) per step, plus the extra requests sent while ties left the buffer short."""
-        return (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request + self.extra_prompts
+        rounds = (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request
+        return rounds + (self.extra_prompts if extra else 0)
 
     def _out_of_time(self, started: int | None = None) -> bool:
         """`train.max_seconds` of this attempt's training loop are up (and a step was trained, or with `started`:
@@ -372,8 +400,9 @@ class Driver:
         # the newest version published before this step ran (the learner's own count: what it started from)
         trained_from = metrics["version_at_start"]
         if c.learner_steps % cfg.train.sync_every == 0 and not pushed:
-            self.sync.push()
-            c.weight_syncs += 1
+            if cfg.mode == "async" and cfg.train.max_policy_lag is not None:
+                self.sync.dispatch()  # asked before this step ran, so published: their loads go out now (`_push`)
+            self._push(c.learner_steps)
         self.sync.poll()  # loads acknowledged meanwhile: the generators' versions below are current
         version, lag, stats = self.sync.latest_version, self.sync.version_lag(self.sync.latest_version), \
             self.replay.stats()

@@ -274,6 +274,13 @@ class WeightSync:
                 raise TimeoutError(f"weight version {push.version}: {who} within {self.timeout_s:.0f}s")
         return done
 
+    def dispatch(self) -> None:
+        """Send the loads of every version asked so far, blocking until the learners have published it (not until
+        the generators have loaded it)."""
+        for push in list(self.pending):
+            if push in self.pending and push.publishing:  # (not superseded by a rejoin)
+                self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
+
     def wait(self) -> None:
         """Block until every pending version is acknowledged (or raise, naming the learner or generator)."""
         for push in list(self.pending):

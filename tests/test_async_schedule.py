@@ -39,17 +39,18 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     generates meanwhile is step n+1's); no round is generated before the weights it should use. A round that ties
     leave short is topped up by one more request, whose leftover rows would be trained a version later, behind the
     next round: `replay.max_staleness: 1` drops them instead, so every step trains rows exactly one version old.
-    The policy is also kept every 0.5 s of the loop and at step 4 (eval.every), and evaluated afterwards on the
-    generator.
+    The policy is also kept after every step (eval.every_seconds) and at step 4 (eval.every), and evaluated
+    afterwards on the generator. Keeping it blocks the driver while the learners run the step queued behind, so
+    the driver often sees that step end before the weights published ahead of it: the round those weights serve
+    must still go out before the next version's loads (a CI run once trained steps 5-7 one version early).
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
                                 "replay.max_reuse=1", "replay.sampling=fifo_oldest", "replay.max_staleness=1",
-                                "eval.every_seconds=0.5", "eval.every=4")
+                                "eval.every_seconds=0.001", "eval.every=4")
     steps = cfg.train.steps
     assert [r["trained_version_lag_max"] for r in records] == [0] + [1] * (steps - 1)
     assert all(r["trained_times_sampled"] == 1 for r in records)
     assert summary["samples_trained"] == steps * cfg.train.batch_size
-    # one round per step and the round of the step after the last (as far as ties allow: rows <= prompts)
     # one round per step and the round of the step after the last, plus one request each time ties or dropped
     # rows left the buffer short of a batch; a round's rows <= its prompts
     round_size = cfg.generation.prompts_per_request
