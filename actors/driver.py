@@ -301,7 +301,7 @@ class Driver:
         """Push the weights after `steps` learner steps to the generators (async: without waiting). Bounded async:
         the requests the weights already sent may serve go out first, so that they are not served with these."""
         if self.cfg.mode == "async" and self.cfg.train.max_policy_lag is not None:
-            self._send_requests()
+            self._send_requests(rounds_only=True)
         self.sync.push()
         self.push_steps[self.sync.latest_version] = self.pushed_steps = steps
         self.counters.weight_syncs += 1
@@ -310,13 +310,13 @@ class Driver:
         """Is the policy after learner step `step` saved (a checkpoint, or an evaluation's policy file)?"""
         return any(every and step % every == 0 for every in (self.cfg.train.checkpoint_every, self.cfg.eval.every))
 
-    def _send_requests(self) -> None:
-        """Async: give every idle generator the requests it may start now."""
+    def _send_requests(self, rounds_only: bool = False) -> None:
+        """Async: give every idle generator the requests it may start now (`rounds_only`: no extra request)."""
         for i in self.inflight.idle():
-            if self._may_generate():
+            if self._may_generate(rounds_only):
                 self.inflight.send(i)
 
-    def _may_generate(self) -> bool:
+    def _may_generate(self, rounds_only: bool = False) -> bool:
         """Async: may an idle generator start a request now? Never once `train.max_seconds` is up (no step would
         train its rows). Unbounded: always. Bounded by max_policy_lag = N: the sync loop's rounds, run ahead by N —
         the round of learner step s (0-based) once step s-N has been trained and θ_{s-N} is on its way (its loads
@@ -327,15 +327,16 @@ class Driver:
             return False
         if lag is None:
             return True
-        flying = self.inflight.prompts()
-        # the step whose round these prompts are (the extra requests below belong to no round)
-        step = (self.counters.groups_judged + flying - self.extra_prompts) // self._prompts_for(0, extra=False)
+        flying, round_prompts = self.inflight.prompts(), len(self.generators) * self.cfg.generation.prompts_per_request
+        # the step whose round the next prompts are (the extra requests below belong to no round)
+        step = (self.counters.groups_judged + flying - self.extra_prompts) // round_prompts
         if step <= self.counters.learner_steps + lag:
             return self._weights_sent_for(step - lag)
-        if not flying and self.replay.stats()["size"] < self.cfg.train.batch_size \
-                and self._weights_sent_for(self.counters.learner_steps):
+        if rounds_only or flying or any(push.publishing for push in self.sync.pending):
+            return False
+        if self.replay.stats()["size"] < self.cfg.train.batch_size:
             # ties (or retired rows) left the buffer short of a batch: one more request, as the sync loop's extra
-            # round, with the weights the waiting step starts from
+            # round, with the newest weights (the waiting step's)
             self.extra_prompts += self.cfg.generation.prompts_per_request
             return True
         return False
@@ -356,11 +357,10 @@ class Driver:
             return False  # decided without asking the replay shards (a round trip to each)
         return self.replay.stats()["size"] >= self.cfg.train.batch_size
 
-    def _prompts_for(self, step: int, extra: bool = True) -> int:
+    def _prompts_for(self, step: int) -> int:
         """Prompts judged before step `step` (0-based) trains, as in the sync loop: one round (every generator,
         prompts_per_request each) per step, plus the extra requests sent while ties left the buffer short."""
-        rounds = (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request
-        return rounds + (self.extra_prompts if extra else 0)
+        return (step + 1) * len(self.generators) * self.cfg.generation.prompts_per_request + self.extra_prompts
 
     def _out_of_time(self, started: int | None = None) -> bool:
         """`train.max_seconds` of this attempt's training loop are up (and a step was trained, or with `started`:
