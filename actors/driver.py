@@ -86,6 +86,7 @@ class Driver:
         self.logged_samples = 0  # samples_generated already counted in the Ray counter
         self.extra_prompts = 0  # async, bounded: prompts sent beyond one round per step (`_may_generate`)
         self.pushed_steps = 0  # async: the learner steps behind the newest weights asked to be pushed
+        self.submitted = 0  # async: learner steps queued or trained (the next one to queue is this one, 0-based)
         self.push_steps: dict[int, int] = {}  # async: weight version → the learner steps behind it
         self.t0 = 0.0
 
@@ -262,24 +263,24 @@ class Driver:
         # is exactly θ_n. Unbounded, a publish asked for meanwhile runs between them. Never past a checkpoint or an
         # evaluation (`eval.every`): the learners must be at exactly that step when its policy is saved.
         training: collections.deque = collections.deque()  # [refs, started, rows, pushed] per queued step
-        submitted = self.pushed_steps = self.counters.learner_steps  # what the generators serve now
+        self.submitted = self.pushed_steps = self.counters.learner_steps  # what the generators serve now
         self.push_steps = {}
         while self.counters.learner_steps < cfg.train.steps and not (self._out_of_time() and not training):
             self._send_requests()
-            while (len(training) < 2 and submitted < cfg.train.steps and not self._out_of_time(submitted)
-                   and not (self._saves_at(submitted) and self.counters.learner_steps < submitted)
-                   and self._fresh_rows_for(submitted)):
-                push = bool(training) and lag is not None and submitted % cfg.train.sync_every == 0
+            while (len(training) < 2 and self.submitted < cfg.train.steps and not self._out_of_time(self.submitted)
+                   and not (self._saves_at(self.submitted) and self.counters.learner_steps < self.submitted)
+                   and self._fresh_rows_for(self.submitted)):
+                push = bool(training) and lag is not None and self.submitted % cfg.train.sync_every == 0
                 # sampled for the version this step will start from, so stale rows are dropped as they would be then
                 rows = self._sample_batch(required=False, version=self.sync.latest_version + push)
                 if rows is None:  # stale rows were dropped: wait for fresh ones (a top-up request, made without
                     break  # the push that would make it one version newer than the others)
                 if push:
-                    self._push(submitted)  # θ after the queued step: published before this one starts
+                    self._push(self.submitted)  # θ after the queued step: published before this one starts
                     training[-1][3] = True
-                self._refresh_reference(submitted)
+                self._refresh_reference(self.submitted)
                 training.append([self.learners.train_step_async(rows), time.perf_counter(), rows, False])
-                submitted += 1
+                self.submitted += 1
             waiting = [*self.inflight.refs(), *(training[0][0] if training else []), *self.sync.waitables()]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=600)
             if not ready:
@@ -332,11 +333,14 @@ class Driver:
         step = (self.counters.groups_judged + flying - self.extra_prompts) // round_prompts
         if step <= self.counters.learner_steps + lag:
             return self._weights_sent_for(step - lag)
-        if rounds_only or flying or any(push.publishing for push in self.sync.pending):
+        if rounds_only or flying or any(push.publishing for push in self.sync.pending) \
+                or self.submitted >= self.cfg.train.steps \
+                or self.counters.groups_judged < self._prompts_for(self.submitted):
             return False
         if self.replay.stats()["size"] < self.cfg.train.batch_size:
-            # ties (or retired rows) left the buffer short of a batch: one more request, as the sync loop's extra
-            # round, with the newest weights (the waiting step's)
+            # the next step's round is stored, but ties (or retired rows) left the buffer short of its batch: one
+            # more request, as the sync loop's extra round, with the newest weights. Not before: its rows would go
+            # ahead of that round's in the buffer, or push them out of it.
             self.extra_prompts += self.cfg.generation.prompts_per_request
             return True
         return False
