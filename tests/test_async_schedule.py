@@ -42,7 +42,9 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     The policy is also kept after every step (eval.every_seconds) and at step 4 (eval.every), and evaluated
     afterwards on the generator. Keeping it blocks the driver while the learners run the step queued behind, so
     the driver often sees that step end before the weights published ahead of it: the round those weights serve
-    must still go out before the next version's loads (a CI run once trained steps 5-7 one version early).
+    must still go out before the next version's loads. And a top-up waits until the waiting step's own round is
+    stored, so that its rows never go ahead of that round's. (Two CI runs caught each fault: steps trained on rows
+    of their own version.)
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
                                 "replay.max_reuse=1", "replay.sampling=fifo_oldest", "replay.max_staleness=1",
