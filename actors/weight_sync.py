@@ -274,20 +274,24 @@ class WeightSync:
                 raise TimeoutError(f"weight version {push.version}: {who} within {self.timeout_s:.0f}s")
         return done
 
+    def _time_left(self, push: Push) -> float:
+        """Seconds left of `push`'s `timeout_s`, counted from when it was asked."""
+        return max(0.0, self.timeout_s - (time.perf_counter() - push.started))
+
     def dispatch(self) -> None:
         """Send the loads of every version asked so far, blocking until the learners have published it (not until
         the generators have loaded it)."""
         for push in list(self.pending):
             if push in self.pending and push.publishing:  # (not superseded by a rejoin)
-                self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
+                self._dispatch(push, self._time_left(push))
 
     def wait(self) -> None:
         """Block until every pending version is acknowledged (or raise, naming the learner or generator)."""
         for push in list(self.pending):
             if push in self.pending and push.publishing:
-                self._dispatch(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
+                self._dispatch(push, self._time_left(push))
             if push in self.pending:  # (not superseded by a rejoin)
-                self._finish(push, max(0.0, self.timeout_s - (time.perf_counter() - push.started)))
+                self._finish(push, self._time_left(push))
 
     def _finish(self, push: Push, timeout_s: float | None = None) -> None:
         while True:

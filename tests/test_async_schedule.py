@@ -43,7 +43,7 @@ def test_async_with_lag_1_trains_fresh_rows_one_version_late(ray_cluster, tmp_pa
     afterwards on the generator. Keeping it blocks the driver while the learners run the step queued behind, so
     the driver often sees that step end before the weights published ahead of it: the round those weights serve
     must still go out before the next version's loads. And a top-up waits until the waiting step's own round is
-    stored, so that its rows never go ahead of that round's. (Two CI runs caught each fault: steps trained on rows
+    stored, so that its rows never go ahead of that round's. (Each fault was caught by a CI run: steps trained on rows
     of their own version.)
     (Overlap itself: tests/test_pipeline.py::test_async_overlaps_generation_and_training.)"""
     cfg, summary, records = run(tmp_path / "lag1", "async", warm_policy_dir, "train.max_policy_lag=1",
